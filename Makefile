@@ -1,0 +1,63 @@
+# cachecade: `make serve` and `make test` are the two commands a newcomer runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 0.0.0.0
+PORT ?= 8080
+DATA ?= ../shared/data
+
+# Models come from installed packages, never from a hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+# Lean llama.cpp build: CPU only, no multimodal library, no TLS; pip caches the built wheel.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: install install-dev serve test test-fast lint bench calibrate system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+serve: install
+	$(BIN)/cachecade serve --host $(HOST) --port $(PORT)
+
+# Debian's redis-server, for the tests that start their own Redis (installed only when missing).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "redis-server missing: installing Debian's package"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server; }
+
+test: install-dev system-deps
+	$(BIN)/python -m pytest -q
+
+test-fast: install-dev
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: install-dev
+	$(BIN)/python -m bench.cache_quality --data $(DATA)
+	$(BIN)/python -m bench.latency
+
+calibrate: install
+	$(BIN)/cachecade calibrate --pairs $(DATA)/qqp_pairs/pairs.json --max-false-hit 0.02
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""What may be cached and served: run-time tunable cache policy, request cacheability, answer admission."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CachePolicy(BaseModel):
+    """Cache behaviour that the admin API can change at run time.
+
+    Thresholds are cosine similarities of L2-normalised embeddings in [0, 1]; higher means closer. The most
+    specific one wins (namespace, then model, then the global one); a request may only make it stricter.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    exact_enabled: bool = True
+    semantic_enabled: bool = True
+    threshold: float = Field(0.95, ge=0.0, le=1.0)
+    model_thresholds: dict[str, float] = Field(default_factory=dict)
+    namespace_thresholds: dict[str, float] = Field(default_factory=dict)
+    ttl_s: float | None = Field(7 * 24 * 3600.0, gt=0)
+    max_entries: int | None = Field(100_000, ge=1)
+    max_temperature: float = Field(1.0, ge=0.0, le=2.0)
+    cache_tool_calls: bool = False
+    top_k: int = Field(4, ge=1, le=64)
+
+    def model_post_init(self, __context: Any) -> None:
+        for name in ("model_thresholds", "namespace_thresholds"):
+            for key, value in getattr(self, name).items():
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{name}[{key!r}] = {value}: a threshold is a cosine in [0, 1]")
+
+    def threshold_for(self, model: str, namespace: str) -> float:
+        """The configured threshold for a model and namespace."""
+        if namespace in self.namespace_thresholds:
+            return self.namespace_thresholds[namespace]
+        return self.model_thresholds.get(model, self.threshold)
+
+
+def uncacheable_reason(body: Mapping[str, Any], policy: CachePolicy) -> str | None:
+    """Why this request must bypass the cache, or None when it may be looked up and stored."""
+    temperature = body.get("temperature")
+    if isinstance(temperature, int | float) and temperature > policy.max_temperature:
+        return "temperature"
+    if body.get("n") not in (None, 1):
+        return "n"
+    if body.get("tools") and not policy.cache_tool_calls:
+        return "tools"
+    if body.get("functions") and not policy.cache_tool_calls:
+        return "tools"
+    if body.get("logprobs") or body.get("echo"):
+        return "logprobs"
+    return None
+
+
+def admissible(response: Mapping[str, Any], policy: CachePolicy) -> bool:
+    """True for a complete answer worth storing: one choice, finished with "stop", no error."""
+    if "error" in response:
+        return False
+    choices = response.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1:
+        return False
+    choice = choices[0]
+    finished = {"stop", "tool_calls"} if policy.cache_tool_calls else {"stop"}
+    if not isinstance(choice, Mapping) or choice.get("finish_reason") not in finished:
+        return False
+    message = choice.get("message")
+    return not (isinstance(message, Mapping) and message.get("tool_calls") and not policy.cache_tool_calls)

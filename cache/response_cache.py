@@ -1,0 +1,201 @@
+"""The response cache: exact tier, then semantic tier, over one store (truth) and one vector index (follower)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from cache.embedder import AsyncEmbedder
+from cache.index import VectorIndex
+from cache.keys import CacheKey
+from cache.policy import CachePolicy
+from cache.store import Entry, EntryStore, new_vid
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the caller may ask of a lookup beyond the key (from Cache-Control and the body's `cache`)."""
+
+    max_age: float | None = None  # seconds; older entries are not served
+    max_tokens: int | None = None  # the caller's limit; longer stored answers are not served
+    threshold: float | None = None  # a stricter per-request threshold
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A served cache entry."""
+
+    entry: Entry
+    tier: Literal["exact", "semantic"]
+    similarity: float
+
+
+@dataclass
+class CacheStats:
+    """Counters since start (per process)."""
+
+    hits_exact: int = 0
+    hits_semantic: int = 0
+    misses: int = 0
+    bypassed: int = 0
+    stored: int = 0
+    evicted: int = 0
+    expired: int = 0
+    stale_index_ids: int = 0  # ids the index had but the store did not (dropped on sight)
+    tokens_saved: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        looked_up = self.hits_exact + self.hits_semantic + self.misses
+        data["hit_rate"] = (self.hits_exact + self.hits_semantic) / looked_up if looked_up else 0.0
+        return data
+
+
+def _usage(response: Mapping[str, Any]) -> tuple[int, int]:
+    usage = response.get("usage") or {}
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+class ResponseCache:
+    """Looks requests up (exact, then semantic) and stores admitted answers."""
+
+    def __init__(
+        self,
+        store: EntryStore,
+        index: VectorIndex,
+        embedder: AsyncEmbedder | None,
+        policy: CachePolicy,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.embedder = embedder
+        self.policy = policy
+        self.clock = clock
+        self.stats = CacheStats()
+
+    async def rebuild_index(self) -> int:
+        """Load every live vector of this embedder from the store into the index (at start)."""
+        self.index.clear()
+        if self.embedder is None:
+            return 0
+        self.stats.expired += len(await self.store.purge_expired(self.clock()))
+        batches: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        async for item in self.store.iter_vectors(self.embedder.model_id):
+            vids, vectors = batches.setdefault(item.partition, ([], []))
+            vids.append(item.vid)
+            vectors.append(item.vector)
+        for partition, (vids, vectors) in batches.items():
+            self.index.add_many(partition, np.array(vids, dtype=np.int64), np.stack(vectors))
+        return len(self.index)
+
+    def threshold(self, key: CacheKey, request: Lookup) -> float:
+        """The effective threshold: configured, tightened (never loosened) by the request."""
+        configured = self.policy.threshold_for(key.model, key.namespace)
+        return max(configured, request.threshold) if request.threshold is not None else configured
+
+    def _servable(self, entry: Entry, key: CacheKey, request: Lookup, now: float) -> bool:
+        if entry.tenant != key.tenant or entry.namespace != key.namespace or entry.kind != key.kind:
+            return False  # isolation is re-checked on the entry, not only trusted to the partition
+        if entry.expired(now):
+            return False
+        if request.max_age is not None and entry.age(now) > request.max_age:
+            return False
+        return request.max_tokens is None or entry.completion_tokens <= request.max_tokens
+
+    async def lookup(self, key: CacheKey, request: Lookup) -> tuple[Hit | None, np.ndarray | None]:
+        """Find a servable entry. Returns the hit (or None) and the query vector (reused when storing)."""
+        now = self.clock()
+        hit = await self._lookup_exact(key, request, now) if self.policy.exact_enabled else None
+        vector = None
+        if hit is None and self.policy.semantic_enabled and key.text is not None and self.embedder:
+            vector = await self.embedder.embed(key.text)
+            hit = await self._lookup_semantic(key, request, vector, now)
+        if hit is None:
+            self.stats.misses += 1
+            return None, vector
+        await self.store.touch(hit.entry.vid, now)
+        self.stats.tokens_saved += hit.entry.prompt_tokens + hit.entry.completion_tokens
+        if hit.tier == "exact":
+            self.stats.hits_exact += 1
+        else:
+            self.stats.hits_semantic += 1
+        return hit, vector
+
+    async def _lookup_exact(self, key: CacheKey, request: Lookup, now: float) -> Hit | None:
+        entry = await self.store.get_exact(key.exact, now)
+        if entry is None or entry.partition != key.partition or not self._servable(entry, key, request, now):
+            return None
+        return Hit(entry, "exact", 1.0)
+
+    async def _lookup_semantic(self, key: CacheKey, request: Lookup, vector: np.ndarray, now: float) -> Hit | None:
+        threshold = self.threshold(key, request)
+        for vid, score in self.index.search(key.partition, vector, self.policy.top_k):
+            if score < threshold:
+                break
+            entry = await self.store.get(vid)
+            if entry is None:  # evicted or deleted elsewhere: the store is the truth
+                self.stats.stale_index_ids += self.index.remove([vid])
+                continue
+            if entry.partition == key.partition and self._servable(entry, key, request, now):
+                return Hit(entry, "semantic", score)
+        return None
+
+    async def put(
+        self,
+        key: CacheKey,
+        response: Mapping[str, Any],
+        vector: np.ndarray | None,
+        *,
+        tier: str,
+        ttl_s: float | None = None,
+    ) -> Entry:
+        """Store an admitted answer; the index follows the store (replacements and evictions included)."""
+        now = self.clock()
+        ttl = ttl_s if ttl_s is not None else self.policy.ttl_s
+        if vector is None and key.text is not None and self.embedder is not None:
+            vector = await self.embedder.embed(key.text)
+        prompt_tokens, completion_tokens = _usage(response)
+        entry = Entry(
+            vid=new_vid(), tenant=key.tenant, namespace=key.namespace, kind=key.kind, model=key.model,
+            partition=key.partition, exact_key=key.exact, response=dict(response), tier=tier,
+            created_at=now, expires_at=now + ttl if ttl else None, text=key.text, vector=vector,
+            embedder_id=self.embedder.model_id if self.embedder else "",
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        )  # fmt: skip
+        result = await self.store.put(entry, self.policy.max_entries)
+        self.index.remove(result.replaced + result.evicted)
+        self.stats.evicted += len(result.evicted)
+        if vector is not None:
+            self.index.add(key.partition, entry.vid, vector)
+        self.stats.stored += 1
+        return entry
+
+    async def delete(self, vids: list[int]) -> int:
+        """Delete entries by id."""
+        removed = await self.store.delete(vids)
+        self.index.remove(removed)
+        return len(removed)
+
+    async def delete_where(self, *, tenant: str | None, namespace: str | None) -> int:
+        """Delete every entry of a tenant and/or namespace."""
+        removed = await self.store.delete_where(tenant=tenant, namespace=namespace)
+        self.index.remove(removed)
+        return len(removed)
+
+    async def flush(self) -> int:
+        """Delete everything."""
+        count = await self.store.flush()
+        self.index.clear()
+        return count
+
+    async def purge_expired(self) -> int:
+        """Drop expired entries from store and index (run periodically)."""
+        removed = await self.store.purge_expired(self.clock())
+        self.index.remove(removed)
+        self.stats.expired += len(removed)
+        return len(removed)

@@ -1,0 +1,221 @@
+"""The embedded default store: entries in one SQLite file on local disk, no server needed.
+
+All database work runs on one dedicated thread (SQLite connections are single-threaded and a write can wait on
+the disk), so the event loop never blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from cache.errors import StoreError
+from cache.store import Entry, IndexedVector, PutResult
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    vid INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    exact_key TEXT NOT NULL UNIQUE,
+    response TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    last_access REAL NOT NULL,
+    text TEXT,
+    vector BLOB,
+    embedder_id TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_last_access ON entries (last_access);
+CREATE INDEX IF NOT EXISTS entries_expires ON entries (expires_at);
+CREATE INDEX IF NOT EXISTS entries_tenant_ns ON entries (tenant, namespace);
+"""
+_COLUMNS = (
+    "vid, tenant, namespace, kind, model, partition, exact_key, response, tier, created_at, expires_at, "
+    "text, vector, embedder_id, prompt_tokens, completion_tokens"
+)
+
+
+def _row_to_entry(row: tuple[Any, ...]) -> Entry:
+    (vid, tenant, namespace, kind, model, partition, exact_key, response, tier, created, expires, text,
+     vector, embedder_id, prompt_tokens, completion_tokens) = row  # fmt: skip
+    return Entry(
+        vid=vid, tenant=tenant, namespace=namespace, kind=kind, model=model, partition=partition,
+        exact_key=exact_key, response=json.loads(response), tier=tier, created_at=created,
+        expires_at=expires, text=text,
+        vector=None if vector is None else np.frombuffer(vector, dtype=np.float32),
+        embedder_id=embedder_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+    )  # fmt: skip
+
+
+class SQLiteStore:
+    """EntryStore on a local SQLite file (WAL mode). Open with `await SQLiteStore.open(path)`."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteStore:
+        """Create the directory and schema if needed and open the database."""
+        store = cls(path)
+        await store._run(store._connect)
+        return store
+
+    def _connect(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"embedded store at {self._path}: {exc}") from exc
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("the embedded store is closed")
+        return self._db
+
+    def _put(self, e: Entry, max_entries: int | None) -> PutResult:
+        db = self.db
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            replaced = [r[0] for r in db.execute("SELECT vid FROM entries WHERE exact_key = ?", (e.exact_key,))]
+            db.execute("DELETE FROM entries WHERE exact_key = ?", (e.exact_key,))
+            vector = None if e.vector is None else np.asarray(e.vector, dtype=np.float32).tobytes()
+            db.execute(
+                f"INSERT INTO entries ({_COLUMNS}, last_access) VALUES ({','.join('?' * 17)})",
+                (e.vid, e.tenant, e.namespace, e.kind, e.model, e.partition, e.exact_key,
+                 json.dumps(e.response), e.tier, e.created_at, e.expires_at, e.text, vector, e.embedder_id,
+                 e.prompt_tokens, e.completion_tokens, e.created_at),
+            )  # fmt: skip
+            evicted = self._evict(max_entries) if max_entries is not None else []
+        return PutResult(replaced, evicted)
+
+    def _evict(self, max_entries: int) -> list[int]:
+        (count,) = self.db.execute("SELECT COUNT(*) FROM entries").fetchone()
+        if count <= max_entries:
+            return []
+        rows = self.db.execute(
+            "SELECT vid FROM entries ORDER BY last_access LIMIT ?", (count - max_entries,)
+        ).fetchall()
+        vids = [r[0] for r in rows]
+        self._delete(vids)
+        return vids
+
+    def _delete(self, vids: list[int]) -> list[int]:
+        found = []
+        for vid in vids:
+            if self.db.execute("DELETE FROM entries WHERE vid = ?", (vid,)).rowcount:
+                found.append(vid)
+        return found
+
+    def _select(self, where: str, args: tuple[Any, ...]) -> list[Entry]:
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE {where}", args).fetchall()
+        return [_row_to_entry(r) for r in rows]
+
+    def _delete_where(self, tenant: str | None, namespace: str | None) -> list[int]:
+        where, args = _filters(tenant, namespace)
+        with self.db:
+            vids = [r[0] for r in self.db.execute(f"SELECT vid FROM entries WHERE {where}", args)]
+            self.db.execute(f"DELETE FROM entries WHERE {where}", args)
+        return vids
+
+    def _purge(self, now: float) -> list[int]:
+        with self.db:
+            cond = "expires_at IS NOT NULL AND expires_at <= ?"
+            vids = [r[0] for r in self.db.execute(f"SELECT vid FROM entries WHERE {cond}", (now,))]
+            self.db.execute(f"DELETE FROM entries WHERE {cond}", (now,))
+        return vids
+
+    async def put(self, entry: Entry, max_entries: int | None) -> PutResult:
+        return await self._run(self._put, entry, max_entries)
+
+    async def get(self, vid: int) -> Entry | None:
+        rows = await self._run(self._select, "vid = ?", (vid,))
+        return rows[0] if rows else None
+
+    async def get_exact(self, exact_key: str, now: float) -> Entry | None:
+        where = "exact_key = ? AND (expires_at IS NULL OR expires_at > ?)"
+        rows = await self._run(self._select, where, (exact_key, now))
+        return rows[0] if rows else None
+
+    async def touch(self, vid: int, now: float) -> None:
+        await self._run(self.db.execute, "UPDATE entries SET last_access = ? WHERE vid = ?", (now, vid))
+
+    async def delete(self, vids: list[int]) -> list[int]:
+        return await self._run(self._delete, vids)
+
+    async def delete_where(self, *, tenant: str | None, namespace: str | None) -> list[int]:
+        return await self._run(self._delete_where, tenant, namespace)
+
+    async def flush(self) -> int:
+        return len(await self.delete_where(tenant=None, namespace=None))
+
+    async def purge_expired(self, now: float) -> list[int]:
+        return await self._run(self._purge, now)
+
+    async def count(self) -> int:
+        row = await self._run(lambda: self.db.execute("SELECT COUNT(*) FROM entries").fetchone())
+        return int(row[0])
+
+    async def list_entries(self, *, tenant: str | None, namespace: str | None, limit: int) -> list[Entry]:
+        where, args = _filters(tenant, namespace)
+        return await self._run(self._select, f"{where} ORDER BY created_at DESC LIMIT ?", (*args, limit))
+
+    async def iter_vectors(self, embedder_id: str) -> AsyncIterator[IndexedVector]:
+        def batch(after: int) -> list[tuple[int, str, bytes]]:
+            return self.db.execute(
+                "SELECT vid, partition, vector FROM entries WHERE vector IS NOT NULL AND embedder_id = ? "
+                "AND vid > ? ORDER BY vid LIMIT 5000",
+                (embedder_id, after),
+            ).fetchall()
+
+        after = 0
+        while rows := await self._run(batch, after):
+            for vid, partition, vector in rows:
+                yield IndexedVector(vid, partition, np.frombuffer(vector, dtype=np.float32))
+            after = rows[-1][0]
+
+    async def ping(self) -> None:
+        await self._run(lambda: self.db.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+
+def _filters(tenant: str | None, namespace: str | None) -> tuple[str, tuple[Any, ...]]:
+    clauses, args = ["1 = 1"], []
+    if tenant is not None:
+        clauses.append("tenant = ?")
+        args.append(tenant)
+    if namespace is not None:
+        clauses.append("namespace = ?")
+        args.append(namespace)
+    return " AND ".join(clauses), tuple(args)

@@ -1,0 +1,131 @@
+"""Cache entries and the store interface. The store is the source of truth; vector indexes follow it."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+def new_vid() -> int:
+    """A random positive 63-bit id: usable as a FAISS id, unique across replicas without coordination."""
+    return secrets.randbits(63) or 1
+
+
+def vid_from_id(entry_id: str) -> int | None:
+    """Parse the public entry id (16 hex digits); None when it is not one."""
+    try:
+        vid = int(entry_id, 16)
+    except ValueError:
+        return None
+    return vid if len(entry_id) == 16 and 0 < vid < 2**63 else None
+
+
+@dataclass
+class Entry:
+    """One cached answer with everything needed to re-check it on read and to rebuild the index."""
+
+    vid: int
+    tenant: str
+    namespace: str
+    kind: str
+    model: str
+    partition: str
+    exact_key: str
+    response: dict[str, Any]  # the complete non-stream response object, replayable as JSON or as SSE
+    tier: str  # which tier produced it: "upstream", later "local:<model>"
+    created_at: float
+    expires_at: float | None
+    text: str | None = None  # the embedded text, kept so a new embedder can re-embed
+    vector: np.ndarray | None = field(default=None, repr=False)
+    embedder_id: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def id(self) -> str:
+        """The public id: 16 hex digits."""
+        return format(self.vid, "016x")
+
+    def expired(self, now: float) -> bool:
+        """True once the absolute TTL has passed."""
+        return self.expires_at is not None and now >= self.expires_at
+
+    def age(self, now: float) -> float:
+        """Seconds since the entry was stored."""
+        return max(0.0, now - self.created_at)
+
+    def summary(self) -> dict[str, Any]:
+        """What the admin API shows of an entry (no vectors, no answer text)."""
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "namespace": self.namespace,
+            "kind": self.kind,
+            "model": self.model,
+            "tier": self.tier,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """Ids an insert removed: the entry it replaced (same exact key) and the ones evicted (LRU)."""
+
+    replaced: list[int]
+    evicted: list[int]
+
+
+@dataclass(frozen=True)
+class IndexedVector:
+    """What a replica needs from the store to rebuild its vector index."""
+
+    vid: int
+    partition: str
+    vector: np.ndarray
+
+
+class EntryStore(Protocol):
+    """Where entries live. Methods that remove entries return the removed ids so indexes can follow."""
+
+    async def put(self, entry: Entry, max_entries: int | None) -> PutResult:
+        """Store an entry, replacing one with the same exact key and evicting the least recently used."""
+        ...
+
+    async def get(self, vid: int) -> Entry | None: ...
+
+    async def get_exact(self, exact_key: str, now: float) -> Entry | None:
+        """The live entry stored under this exact key, if any."""
+        ...
+
+    async def touch(self, vid: int, now: float) -> None:
+        """Record a use, for LRU eviction."""
+        ...
+
+    async def delete(self, vids: list[int]) -> list[int]: ...
+
+    async def delete_where(self, *, tenant: str | None, namespace: str | None) -> list[int]: ...
+
+    async def flush(self) -> int: ...
+
+    async def purge_expired(self, now: float) -> list[int]: ...
+
+    async def count(self) -> int: ...
+
+    async def list_entries(self, *, tenant: str | None, namespace: str | None, limit: int) -> list[Entry]: ...
+
+    def iter_vectors(self, embedder_id: str) -> AsyncIterator[IndexedVector]:
+        """Every live vector made by this embedder, for an index rebuild at start."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreError when the store is not usable."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,126 @@
+"""The admin API under /admin, behind a bearer token (CACHECADE_ADMIN_TOKEN); disabled without one."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ValidationError
+
+from cache.policy import CachePolicy
+from cache.store import vid_from_id
+from proxy.errors import InvalidRequest, NotFound, Unauthorized, from_validation
+from proxy.openai_api import parse_body, services
+from proxy.services import Services
+
+log = logging.getLogger("cachecade.admin")
+
+
+def require_admin(request: Request) -> Services:
+    """Check the bearer token in constant time; a 404 when admin is disabled."""
+    svc = services(request)
+    token = svc.settings.admin_token
+    if token is None:
+        raise NotFound("the admin API is disabled: set CACHECADE_ADMIN_TOKEN to enable it")
+    auth = request.headers.get("authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthorized("admin API: missing or wrong bearer token", headers={"www-authenticate": "Bearer"})
+    return svc
+
+
+Admin = Annotated[Services, Depends(require_admin)]
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+@router.get("/config")
+async def get_config(svc: Admin) -> dict[str, Any]:
+    """The cache policy in force (thresholds are cosine similarities in [0, 1], higher = stricter)."""
+    return svc.cache.policy.model_dump()
+
+
+@router.put("/config")
+@router.patch("/config")
+async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
+    """Change any policy fields (the rest stay); takes effect at once, and is logged."""
+    _, body = await parse_body(request, _AnyObject)
+    before = svc.cache.policy.model_dump()
+    try:
+        policy = CachePolicy.model_validate({**before, **body})
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+    svc.cache.policy = policy
+    changed = {k: v for k, v in policy.model_dump().items() if before.get(k) != v}
+    log.info("admin changed cache policy: %s", changed)
+    return policy.model_dump()
+
+
+class _AnyObject(BaseModel):
+    model_config = {"extra": "allow"}
+
+
+@router.get("/stats")
+async def stats(svc: Admin) -> dict[str, Any]:
+    """Hits by tier, misses, hit rate, entries, tokens saved, since this process started."""
+    return {
+        **svc.cache.stats.as_dict(),
+        "entries": await svc.cache.store.count(),
+        "indexed_vectors": len(svc.cache.index),
+        "partitions": svc.cache.index.partitions(),
+        "uptime_s": round(time.time() - svc.started_at, 1),
+    }
+
+
+@router.get("/entries")
+async def list_entries(
+    svc: Admin,
+    tenant: str | None = None,
+    namespace: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """Newest entries first (metadata only: no answer text, no vectors)."""
+    entries = await svc.cache.store.list_entries(tenant=tenant, namespace=namespace, limit=limit)
+    return {"object": "list", "data": [e.summary() for e in entries]}
+
+
+@router.delete("/entries/{entry_id}")
+async def delete_entry(entry_id: str, svc: Admin) -> dict[str, Any]:
+    """Delete one entry by the id shown in x-cache-entry-id."""
+    vid = vid_from_id(entry_id)
+    if vid is None:
+        raise InvalidRequest(f"{entry_id!r} is not an entry id (16 hex digits)", param="entry_id")
+    if not await svc.cache.delete([vid]):
+        raise NotFound(f"no entry {entry_id}", param="entry_id")
+    log.info("admin deleted entry %s", entry_id)
+    return {"deleted": 1}
+
+
+@router.delete("/entries")
+async def delete_entries(svc: Admin, namespace: str | None = None, tenant: str | None = None) -> dict[str, Any]:
+    """Delete every entry of a namespace and/or tenant (one of them is required; see /admin/flush)."""
+    if namespace is None and tenant is None:
+        raise InvalidRequest("give namespace and/or tenant; to delete everything use POST /admin/flush",
+                             param="namespace")  # fmt: skip
+    deleted = await svc.cache.delete_where(tenant=tenant, namespace=namespace)
+    log.info("admin deleted %d entries (namespace=%s tenant=%s)", deleted, namespace, tenant)
+    return {"deleted": deleted}
+
+
+class FlushRequest(BaseModel):
+    """POST /admin/flush needs {"confirm": "flush"}."""
+
+    confirm: str | None = None
+
+
+@router.post("/flush")
+async def flush(request: Request, svc: Admin) -> dict[str, Any]:
+    """Delete every entry; needs the explicit confirmation field."""
+    parsed, _ = await parse_body(request, FlushRequest)
+    if parsed.confirm != "flush":
+        raise InvalidRequest('flushing deletes every entry: send {"confirm": "flush"}', param="confirm")
+    deleted = await svc.cache.flush()
+    log.warning("admin flushed the cache: %d entries deleted", deleted)
+    return {"deleted": deleted}

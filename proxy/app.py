@@ -1,0 +1,101 @@
+"""The app factory: create_app(settings) builds the serving objects in the lifespan and wires the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from cache.embedder import AsyncEmbedder, Embedder, load_embedder
+from cache.index import VectorIndex
+from cache.response_cache import ResponseCache
+from cache.sqlite_store import SQLiteStore
+from proxy import admin, health, openai_api
+from proxy.config import Settings
+from proxy.context import RequestIdMiddleware
+from proxy.errors import install_error_handlers
+from proxy.pipeline import CompletionPipeline
+from proxy.services import Services
+from proxy.upstream import Upstream
+
+log = logging.getLogger("cachecade")
+PURGE_INTERVAL_S = 60.0
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    embedder: Embedder | None = None,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the app. `embedder` and `upstream_transport` are seams for tests (a preloaded model, a mock)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await _start(settings, embedder, upstream_transport)
+        app.state.services = services
+        purger = asyncio.create_task(_purge_forever(services.cache))
+        try:
+            yield
+        finally:
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
+            await _stop(services)
+
+    app = FastAPI(title="cachecade", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(RequestIdMiddleware)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(openai_api.router)
+    app.include_router(admin.router)
+    return app
+
+
+async def _start(settings: Settings, embedder: Embedder | None, transport: httpx.AsyncBaseTransport | None) -> Services:
+    model = embedder
+    if model is None:
+        models = settings.data_dir / "models"
+        model = await asyncio.to_thread(load_embedder, settings.embedder, settings.embedder_backend, models)
+    async_embedder = AsyncEmbedder(model)
+    store = await SQLiteStore.open(settings.data_dir / "cache.sqlite3")
+    cache = ResponseCache(store, VectorIndex(model.dim, settings.hnsw_threshold), async_embedder,
+                          settings.cache_policy())  # fmt: skip
+    loaded = await cache.rebuild_index()
+    log.info("cache ready: %d vectors indexed from %s (embedder %s)", loaded, settings.data_dir, model.model_id)
+    upstream = None
+    if settings.upstream_base_url is not None:
+        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+        upstream = Upstream.create(
+            str(settings.upstream_base_url), key, timeout_s=settings.upstream_timeout_s,
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            max_connections=settings.upstream_max_connections, transport=transport,
+        )  # fmt: skip
+        log.info("upstream: %s", upstream.base_url)
+    else:
+        log.warning("no upstream configured (CACHECADE_UPSTREAM_BASE_URL): cache misses answer 503")
+    if settings.admin_token is None:
+        log.info("admin API disabled: set CACHECADE_ADMIN_TOKEN to enable /admin")
+    return Services(settings, async_embedder, cache, upstream, CompletionPipeline(cache, upstream))
+
+
+async def _stop(services: Services) -> None:
+    if services.upstream is not None:
+        await services.upstream.aclose()
+    await services.cache.store.close()
+    services.embedder.close()
+
+
+async def _purge_forever(cache: ResponseCache) -> None:
+    while True:
+        await asyncio.sleep(PURGE_INTERVAL_S)
+        try:
+            await cache.purge_expired()
+        except Exception:  # keep purging later; a failed purge only delays reclaiming space
+            log.exception("purging expired entries failed")

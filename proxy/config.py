@@ -1,0 +1,136 @@
+"""Settings: one pydantic-settings class. Environment variables prefixed CACHECADE_, then an optional YAML file.
+
+Precedence, highest first: arguments to Settings(...), environment variables, the YAML file, the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from cache.policy import CachePolicy
+
+# The shipped default threshold, chosen with `cachecade calibrate` on QQP (docs/calibration.md).
+DEFAULT_THRESHOLD = 0.95
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "cachecade"
+
+
+class Settings(BaseSettings):
+    """Every setting of a cachecade process. Invalid values stop the start with the setting named."""
+
+    model_config = SettingsConfigDict(env_prefix="CACHECADE_", extra="forbid", validate_default=True)
+
+    config_file: Path | None = Field(None, description="YAML file with any of these settings (lower case)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8080, ge=1, le=65535, description="port to bind")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    upstream_base_url: AnyHttpUrl | None = Field(
+        None, description="OpenAI-compatible backend for misses, e.g. https://api.openai.com/v1"
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="key sent upstream; when unset the caller's Authorization header is passed through"
+    )
+    upstream_timeout_s: float = Field(300.0, gt=0, description="read timeout for upstream answers")
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    upstream_max_connections: int = Field(100, ge=1)
+
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the /admin API (at least 16 characters); unset = admin disabled"
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir, description="embedded store location")
+    redis_url: str | None = Field(None, description="shared Redis store (arrives with the Redis issue)")
+
+    embedder: str = Field("all-MiniLM-L6-v2", description="packaged embedder name or local model directory")
+    embedder_backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="onnx: same weights on ONNX Runtime, ~4x faster here; torch: sentence-transformers"
+    )
+    hnsw_threshold: int = Field(50_000, ge=1, description="partition size past which search uses HNSW")
+    share_cache_across_tenants: bool = Field(
+        False, description="serve one API key's cached answers to another (off: tenants are isolated)"
+    )
+
+    cache_exact_enabled: bool = True
+    cache_semantic_enabled: bool = True
+    cache_threshold: float = Field(DEFAULT_THRESHOLD, ge=0.0, le=1.0, description="cosine similarity in [0, 1]")
+    cache_model_thresholds: dict[str, float] = Field(default_factory=dict)
+    cache_namespace_thresholds: dict[str, float] = Field(default_factory=dict)
+    cache_ttl_s: float | None = Field(7 * 24 * 3600.0, gt=0, description="absolute entry lifetime")
+    cache_max_entries: int | None = Field(100_000, ge=1, description="LRU eviction past this many entries")
+    cache_max_temperature: float = Field(1.0, ge=0.0, le=2.0, description="requests above are not cached")
+    cache_tool_calls: bool = Field(False, description="cache answers to requests that offer tools")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("CACHECADE_ADMIN_TOKEN must be at least 16 characters (or unset to disable admin)")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _no_redis_yet(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError(
+                "the Redis store is not implemented in this version; unset CACHECADE_REDIS_URL to use the "
+                "embedded store"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _valid_policy(self) -> Settings:
+        self.cache_policy()  # validates the per-model / per-namespace thresholds
+        return self
+
+    def cache_policy(self) -> CachePolicy:
+        """The initial run-time cache policy."""
+        return CachePolicy(
+            exact_enabled=self.cache_exact_enabled,
+            semantic_enabled=self.cache_semantic_enabled,
+            threshold=self.cache_threshold,
+            model_thresholds=self.cache_model_thresholds,
+            namespace_thresholds=self.cache_namespace_thresholds,
+            ttl_s=self.cache_ttl_s,
+            max_entries=self.cache_max_entries,
+            max_temperature=self.cache_max_temperature,
+            cache_tool_calls=self.cache_tool_calls,
+        )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file(init_settings, env_settings)
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+def _config_file(*sources: PydanticBaseSettingsSource) -> Path | None:
+    for source in sources:
+        value: Any = source().get("config_file")
+        if value:
+            path = Path(value)
+            if not path.is_file():
+                raise ValueError(f"config file {path} does not exist")
+            return path
+    return None

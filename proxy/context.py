@@ -1,0 +1,104 @@
+"""Per-request context: request id, tenant and the caller's cache directives."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.errors import InvalidRequest
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+ANONYMOUS = "anonymous"
+SHARED = "shared"
+
+
+def tenant_of(headers: Mapping[str, str], shared: bool = False) -> str:
+    """The tenant: a hash of the caller's API key (the key itself is never stored), or 'anonymous'."""
+    if shared:
+        return SHARED
+    auth = headers.get("authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("api-key", "").strip()
+    if not key:
+        return ANONYMOUS
+    return "k-" + hashlib.sha256(b"cachecade-tenant:" + key.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class CacheDirectives:
+    """The caller's Cache-Control: no-cache (skip the lookup), no-store (do not store), max-age (seconds)."""
+
+    no_cache: bool = False
+    no_store: bool = False
+    max_age: float | None = None
+
+    @classmethod
+    def parse(cls, header: str | None) -> CacheDirectives:
+        if not header:
+            return cls()
+        no_cache = no_store = False
+        max_age = None
+        for part in header.split(","):
+            name, _, value = part.strip().partition("=")
+            name = name.strip().lower()
+            if name == "no-cache":
+                no_cache = True
+            elif name == "no-store":
+                no_store = True
+            elif name == "max-age":
+                try:
+                    max_age = float(int(value.strip().strip('"')))
+                except ValueError:
+                    raise InvalidRequest(
+                        f"Cache-Control max-age must be a whole number of seconds, got {value!r}",
+                        param="Cache-Control",
+                        code="invalid_header",
+                    ) from None
+                if max_age < 0:
+                    raise InvalidRequest("Cache-Control max-age must not be negative", param="Cache-Control")
+        return cls(no_cache, no_store, max_age)
+
+
+@dataclass
+class RequestContext:
+    """What the pipeline needs to know about the caller."""
+
+    request_id: str
+    tenant: str
+    headers: Mapping[str, str]
+    directives: CacheDirectives = field(default_factory=CacheDirectives)
+
+
+def request_id_of(scope: Scope) -> str:
+    """The request id set by RequestIdMiddleware."""
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the caller's x-request-id when well formed) and echoes it in the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

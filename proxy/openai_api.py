@@ -1,0 +1,169 @@
+"""OpenAI-compatible routes: thin; parse, call the pipeline, render."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from cache.embedder import DEFAULT_EMBEDDER, PACKAGED_EMBEDDERS
+from cache.keys import Kind
+from proxy.context import CacheDirectives, RequestContext, request_id_of, tenant_of
+from proxy.errors import InvalidRequest, NotFound, ProxyError, from_validation
+from proxy.pipeline import Reply
+from proxy.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from proxy.services import Services
+
+router = APIRouter(prefix="/v1")
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+async def parse_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any]]:
+    """The JSON body, validated; errors are 400s that name the parameter."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(body), body
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+class ClientDisconnected(ProxyError):
+    """The caller went away before the answer was ready (nobody reads this response)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so the upstream request) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnected("client disconnected")
+    return task.result()
+
+
+def context(request: Request, svc: Services) -> RequestContext:
+    headers = request.headers
+    return RequestContext(
+        request_id=request_id_of(request.scope),
+        tenant=tenant_of(headers, svc.settings.share_cache_across_tenants),
+        headers={k.lower(): v for k, v in headers.items()},
+        directives=CacheDirectives.parse(headers.get("cache-control")),
+    )
+
+
+def render(reply: Reply) -> Response:
+    headers = reply.outcome.headers()
+    if reply.stream is not None:
+        headers["cache-control"] = "no-cache"
+        return StreamingResponse(reply.stream, media_type="text/event-stream", headers=headers)
+    return JSONResponse(reply.body, headers=headers)
+
+
+async def _generate(request: Request, kind: Kind, model: type[ChatCompletionRequest | CompletionRequest]) -> Response:
+    svc = services(request)
+    parsed, body = await parse_body(request, model)
+    ctx = context(request, svc)
+    run = svc.pipeline.run(kind, parsed, body, ctx)
+    reply = await (run if parsed.stream else until_disconnect(request, run))
+    return render(reply)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    """Chat completions, streamed or not, answered from the cache when it can."""
+    return await _generate(request, "chat", ChatCompletionRequest)
+
+
+@router.post("/completions")
+async def completions(request: Request) -> Response:
+    """Legacy text completions, answered from the cache when it can."""
+    return await _generate(request, "completion", CompletionRequest)
+
+
+def _is_local_embedder(name: str, svc: Services) -> bool:
+    lowered = name.lower()
+    return lowered in PACKAGED_EMBEDDERS or lowered in {"cachecade/embed", svc.settings.embedder.lower()}
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request) -> Response:
+    """Embeddings from the local embedder; other models are forwarded to the upstream when one is set."""
+    svc = services(request)
+    parsed, body = await parse_body(request, EmbeddingRequest)
+    if not _is_local_embedder(parsed.model, svc):
+        if svc.upstream is None:
+            raise NotFound(
+                f"model {parsed.model!r} is not served here; local embedder: {DEFAULT_EMBEDDER}", param="model"
+            )
+        upstream = svc.upstream
+        payload = await upstream.post("embeddings", body, upstream.headers(context(request, svc).headers))
+        return JSONResponse(payload, headers={"x-served-by": "upstream"})
+    if parsed.dimensions is not None and parsed.dimensions != svc.embedder.dim:
+        raise InvalidRequest(
+            f"dimensions must be {svc.embedder.dim} for {parsed.model} (or omitted)", param="dimensions"
+        )
+    texts = [parsed.input] if isinstance(parsed.input, str) else parsed.input
+    vectors = await svc.embedder.embed_many(texts)
+    tokens = sum(await svc.embedder.count_tokens(texts))
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode(v, parsed.encoding_format)}
+        for i, v in enumerate(vectors)
+    ]
+    return JSONResponse(
+        {"object": "list", "data": data, "model": parsed.model,
+         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+        headers={"x-served-by": "local"},
+    )  # fmt: skip
+
+
+def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return [float(x) for x in vector]
+
+
+@router.get("/models")
+async def models(request: Request) -> Response:
+    """The local embedder plus the upstream's models (when one is set and answers)."""
+    svc = services(request)
+    data: list[dict[str, Any]] = [
+        {"id": DEFAULT_EMBEDDER, "object": "model", "created": int(svc.started_at), "owned_by": "cachecade"}
+    ]
+    if svc.upstream is not None:
+        try:
+            upstream = await svc.upstream.get("models", svc.upstream.headers(context(request, svc).headers))
+            data += [m for m in upstream.get("data", []) if isinstance(m, dict) and "id" in m]
+        except ProxyError:
+            pass  # the local list still answers; /readyz says more
+    return JSONResponse({"object": "list", "data": data}, headers={"x-served-by": "cachecade"})

@@ -1,0 +1,210 @@
+"""The request pipeline for generation endpoints: exact cache, semantic cache, then the upstream; admission of
+complete answers afterwards. No FastAPI in here: routes parse, call `run`, and render the Reply."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cache.errors import CacheError
+from cache.keys import CacheKey, Kind, chat_key, completion_key
+from cache.policy import admissible, uncacheable_reason
+from cache.response_cache import Hit, Lookup, ResponseCache
+from proxy.context import RequestContext
+from proxy.errors import InvalidRequest, ProxyError, ServiceUnavailable, sse_error_event
+from proxy.protocol import CacheOptions, ChatCompletionRequest, CompletionRequest
+from proxy.streaming import StreamAccumulator, replay_chat, replay_completion
+from proxy.upstream import Upstream
+
+log = logging.getLogger("cachecade.pipeline")
+
+_PATHS = {"chat": "chat/completions", "completion": "completions"}
+_ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}
+
+
+@dataclass
+class Outcome:
+    """What happened to a request; rendered as response headers."""
+
+    cache: str = "BYPASS"  # HIT-EXACT | HIT-SEMANTIC | MISS | BYPASS
+    served_by: str = "upstream"
+    similarity: float | None = None
+    threshold: float | None = None
+    age: float | None = None
+    entry_id: str | None = None
+    reason: str | None = None  # why the cache was bypassed
+
+    def headers(self) -> dict[str, str]:
+        out = {"x-cache": self.cache, "x-served-by": self.served_by}
+        if self.similarity is not None:
+            out["x-cache-similarity"] = f"{self.similarity:.4f}"
+        if self.threshold is not None:
+            out["x-cache-threshold"] = f"{self.threshold:.4f}"
+        if self.age is not None:
+            out["age"] = str(int(self.age))
+        if self.entry_id is not None:
+            out["x-cache-entry-id"] = self.entry_id
+        if self.reason is not None:
+            out["x-cache-bypass-reason"] = self.reason
+        return out
+
+
+@dataclass
+class Reply:
+    """A JSON body or an SSE byte stream, with its outcome."""
+
+    outcome: Outcome
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+
+async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
+
+class CompletionPipeline:
+    """Serves chat and legacy completions: cache tiers first, then the upstream."""
+
+    def __init__(self, cache: ResponseCache, upstream: Upstream | None) -> None:
+        self.cache = cache
+        self.upstream = upstream
+
+    async def run(
+        self,
+        kind: Kind,
+        request: ChatCompletionRequest | CompletionRequest,
+        body: Mapping[str, Any],
+        ctx: RequestContext,
+    ) -> Reply:
+        """Answer one request."""
+        options = request.cache or CacheOptions()
+        key = (chat_key if kind == "chat" else completion_key)(body, ctx.tenant, options.namespace)
+        lookup = Lookup(ctx.directives.max_age, request.token_limit(), options.threshold)
+        self._check_threshold(key, lookup)
+        outcome = Outcome(reason=uncacheable_reason(body, self.cache.policy))
+        vector = None
+        if outcome.reason is None and ctx.directives.no_cache:
+            outcome.reason = "no-cache"
+        elif outcome.reason is None:
+            outcome.threshold = self.cache.threshold(key, lookup) if key.text else None
+            try:
+                hit, vector = await self.cache.lookup(key, lookup)
+            except CacheError as exc:  # fail open: the cache is an optimisation, never a reason to fail
+                log.warning("cache lookup failed, serving from upstream: %s", exc)
+                hit, outcome.reason = None, "cache-error"
+            if hit is not None:
+                return self._from_cache(kind, hit, request, outcome)
+            if outcome.reason is None:
+                outcome.cache = "MISS"
+        if outcome.cache == "BYPASS":
+            self.cache.stats.bypassed += 1
+        storable = outcome.reason in (None, "no-cache") and not ctx.directives.no_store
+        store_key = key if storable else None
+        try:
+            return await self._from_upstream(kind, request, body, ctx, outcome, store_key, vector, options)
+        except ProxyError as exc:  # errors say what the cache did too
+            exc.headers = {**outcome.headers(), **exc.headers}
+            raise
+
+    def _check_threshold(self, key: CacheKey, lookup: Lookup) -> None:
+        configured = self.cache.policy.threshold_for(key.model, key.namespace)
+        if lookup.threshold is not None and lookup.threshold < configured:
+            raise InvalidRequest(
+                f"cache.threshold {lookup.threshold} is looser than the configured {configured}; a request may "
+                "only make the threshold stricter (higher)",
+                param="cache.threshold", code="invalid_value",
+            )  # fmt: skip
+
+    def _from_cache(
+        self, kind: Kind, hit: Hit, request: ChatCompletionRequest | CompletionRequest, outcome: Outcome
+    ) -> Reply:
+        now = time.time()
+        outcome.cache = "HIT-EXACT" if hit.tier == "exact" else "HIT-SEMANTIC"
+        outcome.served_by = "cache"
+        outcome.similarity = hit.similarity
+        outcome.age = hit.entry.age(now)
+        outcome.entry_id = hit.entry.id
+        response = {**hit.entry.response, "id": _ID_PREFIX[kind] + uuid.uuid4().hex, "created": int(now)}
+        if not request.stream:
+            return Reply(outcome, body=response)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        replay = replay_chat if kind == "chat" else replay_completion
+        return Reply(outcome, stream=_iterate(replay(response, include_usage)))
+
+    def _upstream(self) -> Upstream:
+        if self.upstream is None:
+            raise ServiceUnavailable(
+                "cache miss and no upstream configured: set CACHECADE_UPSTREAM_BASE_URL to an OpenAI-compatible "
+                "base URL (e.g. https://api.openai.com/v1)",
+                code="upstream_not_configured",
+            )
+        return self.upstream
+
+    async def _from_upstream(
+        self,
+        kind: Kind,
+        request: ChatCompletionRequest | CompletionRequest,
+        body: Mapping[str, Any],
+        ctx: RequestContext,
+        outcome: Outcome,
+        store_key: CacheKey | None,
+        vector: np.ndarray | None,
+        options: CacheOptions,
+    ) -> Reply:
+        upstream = self._upstream()
+        forwarded = {k: v for k, v in body.items() if k != "cache"}
+        headers = upstream.headers(ctx.headers)
+        if request.stream:
+            stack = AsyncExitStack()
+            chunks = await stack.enter_async_context(upstream.stream(_PATHS[kind], forwarded, headers))
+            events = self._pass_through(kind, chunks, stack, store_key, vector, options)
+            return Reply(outcome, stream=events)
+        payload = await upstream.post(_PATHS[kind], forwarded, headers)
+        if store_key is not None:
+            entry_id = await self._store(store_key, payload, vector, options)
+            outcome.entry_id = entry_id
+        return Reply(outcome, body=payload)
+
+    async def _pass_through(
+        self,
+        kind: Kind,
+        chunks: AsyncIterator[bytes],
+        stack: AsyncExitStack,
+        store_key: CacheKey | None,
+        vector: np.ndarray | None,
+        options: CacheOptions,
+    ) -> AsyncIterator[bytes]:
+        """Relay upstream bytes unchanged; once [DONE] has arrived, store the answer before relaying [DONE].
+        A client that goes away cancels this generator, which closes the upstream connection."""
+        accumulator = StreamAccumulator(kind)
+        try:
+            async for chunk in chunks:
+                accumulator.feed(chunk)
+                if accumulator.complete and store_key is not None:
+                    await self._store(store_key, accumulator.response(), vector, options)
+                    store_key = None
+                yield chunk
+        except ProxyError as exc:
+            yield sse_error_event(exc)
+        finally:
+            await stack.aclose()
+
+    async def _store(
+        self, key: CacheKey, payload: Mapping[str, Any], vector: np.ndarray | None, options: CacheOptions
+    ) -> str | None:
+        if not admissible(payload, self.cache.policy):
+            return None
+        try:
+            entry = await self.cache.put(key, payload, vector, tier="upstream", ttl_s=options.ttl)
+        except CacheError as exc:  # an answer we could not store is still a good answer
+            log.warning("could not store answer: %s", exc)
+            return None
+        return entry.id

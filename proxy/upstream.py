@@ -1,0 +1,128 @@
+"""The upstream client: one shared httpx.AsyncClient to an OpenAI-compatible backend.
+
+httpx exceptions are translated here, at the boundary, into the proxy's errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+# Client headers worth passing on; everything else (host, cookies, our own cache headers) stays here.
+_PASSED_HEADERS = ("openai-organization", "openai-project", "x-request-id")
+
+
+def _payload(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return {"error": {"message": response.text[:500] or f"HTTP {response.status_code}"}}
+
+
+class Upstream:
+    """Forwards requests to one OpenAI-compatible base URL (…/v1)."""
+
+    def __init__(self, base_url: str, api_key: str | None, client: httpx.AsyncClient) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.client = client
+
+    @classmethod
+    def create(
+        cls,
+        base_url: str,
+        api_key: str | None,
+        *,
+        timeout_s: float = 300.0,
+        connect_timeout_s: float = 5.0,
+        max_connections: int = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Upstream:
+        """Build the shared client with pooling and timeouts (a transport seam for tests)."""
+        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=connect_timeout_s)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+        return cls(base_url, api_key, client)
+
+    def headers(self, incoming: Mapping[str, str]) -> dict[str, str]:
+        """Headers for the upstream: the configured key, else the caller's own Authorization."""
+        out = {k: incoming[k] for k in _PASSED_HEADERS if k in incoming}
+        if self.api_key:
+            out["authorization"] = f"Bearer {self.api_key}"
+        elif "authorization" in incoming:
+            out["authorization"] = incoming["authorization"]
+        return out
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    async def post(self, path: str, body: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, Any]:
+        """POST JSON and return the JSON answer; an upstream error keeps its status."""
+        try:
+            response = await self.client.post(self._url(path), json=body, headers=dict(headers))
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"upstream unreachable at {self.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise UpstreamError(response.status_code, _payload(response))
+        payload = _payload(response)
+        if not isinstance(payload, dict):
+            raise UpstreamUnavailable("upstream answered with something other than a JSON object")
+        return payload
+
+    async def get(self, path: str, headers: Mapping[str, str]) -> dict[str, Any]:
+        """GET JSON (e.g. /models)."""
+        try:
+            response = await self.client.get(self._url(path), headers=dict(headers))
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"upstream unreachable at {self.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise UpstreamError(response.status_code, _payload(response))
+        payload = _payload(response)
+        return payload if isinstance(payload, dict) else {}
+
+    @asynccontextmanager
+    async def stream(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Open a streamed POST. Errors before the first byte raise (status kept); closing the context closes
+        the upstream connection, which is how a client disconnect cancels the upstream request."""
+        request = self.client.build_request("POST", self._url(path), json=body, headers=dict(headers))
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"upstream unreachable at {self.base_url}: {exc}") from exc
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                raise UpstreamError(response.status_code, _payload(response))
+            yield _body(response)
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_bytes():
+            yield chunk
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout("upstream stream timed out") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamUnavailable(f"upstream stream broke: {exc}") from exc
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON bytes."""
+    return json.dumps(value, separators=(",", ":")).encode()

@@ -1,0 +1,102 @@
+"""In-process API tests: the real app over ASGI, a real embedder and store, and an httpx.MockTransport upstream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.app import create_app
+from proxy.config import Settings
+
+ADMIN = "admin-token-0123456789"
+
+
+def chat_response(content: str, finish: str = "stop", model: str = "up-model") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    }  # fmt: skip
+
+
+def words(text: str) -> list[str]:
+    """Pieces whose concatenation is the text."""
+    parts = text.split(" ")
+    return [p + " " for p in parts[:-1]] + parts[-1:]
+
+
+def sse_body(words: list[str], finish: str = "stop", done: bool = True) -> bytes:
+    head = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1, "model": "up-model"}
+    events = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}]
+    events += [{**head, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words]
+    events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    out = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+class FakeUpstream:
+    """Records requests; answers by a handler (default: a fixed answer, streamed when asked)."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.answer = "Paris is the capital of France."
+        self.handler: Callable[[httpx.Request], httpx.Response] | None = None
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(r.content) for r in self.requests if r.content]
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.handler is not None:
+            return self.handler(request)
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "up-model", "object": "model"}]})
+        body = json.loads(request.content)
+        if body.get("stream"):
+            return httpx.Response(200, content=sse_body(words(self.answer)),
+                                  headers={"content-type": "text/event-stream"})  # fmt: skip
+        if request.url.path.endswith("/completions") and "prompt" in body:
+            return httpx.Response(200, json={"id": "cmpl-up", "object": "text_completion", "created": 1,
+                                             "model": "up-model", "choices": [{"index": 0, "text": self.answer,
+                                             "finish_reason": "stop", "logprobs": None}],
+                                             "usage": {"prompt_tokens": 3, "completion_tokens": 5,
+                                                       "total_tokens": 8}})  # fmt: skip
+        return httpx.Response(200, json=chat_response(self.answer))
+
+
+@pytest.fixture
+def upstream() -> FakeUpstream:
+    return FakeUpstream()
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, embedder: Any, upstream: FakeUpstream):  # type: ignore[no-untyped-def]
+    """Factory: an httpx client on the app (lifespan run), with settings overrides."""
+
+    @asynccontextmanager
+    async def factory(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+        values: dict[str, Any] = {"data_dir": tmp_path / "data", "upstream_base_url": "http://upstream.test/v1",
+                                  "admin_token": ADMIN, **overrides}  # fmt: skip
+        app = create_app(Settings(**values), embedder=embedder, upstream_transport=httpx.MockTransport(upstream))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://cachecade.test") as client:
+                yield client
+
+    return factory
+
+
+@pytest.fixture
+async def client(make_client):  # type: ignore[no-untyped-def]
+    async with make_client() as c:
+        yield c
+
+
+def chat(question: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "up-model", "messages": [{"role": "user", "content": question}], **extra}

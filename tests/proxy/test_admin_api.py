@@ -1,0 +1,73 @@
+"""The admin API: token, config at run time, stats, deletion, flush."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.proxy.conftest import ADMIN, chat
+
+AUTH = {"authorization": f"Bearer {ADMIN}"}
+
+
+async def test_admin_disabled_without_token(make_client) -> None:  # type: ignore[no-untyped-def]
+    async with make_client(admin_token=None) as client:
+        r = await client.get("/admin/stats", headers=AUTH)
+    assert r.status_code == 404 and "CACHECADE_ADMIN_TOKEN" in r.json()["error"]["message"]
+
+
+async def test_wrong_or_missing_token(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/admin/config")).status_code == 401
+    assert (await client.get("/admin/config", headers={"authorization": "Bearer nope"})).status_code == 401
+
+
+async def test_threshold_change_takes_effect_at_once(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/chat/completions", json=chat("What is the capital of France?"))
+    paraphrase = chat("What's the capital city of France?")
+    r = await client.put("/admin/config", json={"threshold": 0.999}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["threshold"] == 0.999
+    assert (await client.post("/v1/chat/completions", json=paraphrase)).headers["x-cache"] == "MISS"
+    await client.put("/admin/config", json={"model_thresholds": {"up-model": 0.8}}, headers=AUTH)
+    assert (await client.post("/v1/chat/completions", json=chat("Which city is France's capital?"))
+            ).headers["x-cache"] == "HIT-SEMANTIC"  # fmt: skip
+    config = (await client.get("/admin/config", headers=AUTH)).json()
+    assert config["threshold"] == 0.999 and config["model_thresholds"] == {"up-model": 0.8}
+
+
+async def test_bad_config_is_rejected_and_changes_nothing(client: httpx.AsyncClient) -> None:
+    before = (await client.get("/admin/config", headers=AUTH)).json()
+    r = await client.put("/admin/config", json={"threshold": 1.5}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "threshold"
+    r = await client.put("/admin/config", json={"thresold": 0.9}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "thresold"
+    r = await client.put("/admin/config", json={"namespace_thresholds": {"a": 7}}, headers=AUTH)
+    assert r.status_code == 400
+    assert (await client.get("/admin/config", headers=AUTH)).json() == before
+
+
+async def test_stats_count_tiers_and_tokens(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/chat/completions", json=chat("What is the capital of France?"))
+    await client.post("/v1/chat/completions", json=chat("What is the capital of France?"))
+    await client.post("/v1/chat/completions", json=chat("hi", temperature=2.0))
+    stats = (await client.get("/admin/stats", headers=AUTH)).json()
+    assert stats["misses"] == 1 and stats["hits_exact"] == 1 and stats["bypassed"] == 1
+    assert stats["hit_rate"] == 0.5 and stats["entries"] == 1 and stats["tokens_saved"] == 18
+
+
+async def test_delete_by_id_and_namespace_and_flush(client: httpx.AsyncClient) -> None:
+    first = await client.post("/v1/chat/completions", json=chat("one", cache={"namespace": "a"}))
+    await client.post("/v1/chat/completions", json=chat("two", cache={"namespace": "b"}))
+    await client.post("/v1/chat/completions", json=chat("three", cache={"namespace": "b"}))
+    entry_id = first.headers["x-cache-entry-id"]
+    listed = (await client.get("/admin/entries", params={"namespace": "a"}, headers=AUTH)).json()["data"]
+    assert [e["id"] for e in listed] == [entry_id]
+    assert (await client.delete(f"/admin/entries/{entry_id}", headers=AUTH)).json() == {"deleted": 1}
+    assert (await client.delete(f"/admin/entries/{entry_id}", headers=AUTH)).status_code == 404
+    assert (await client.delete("/admin/entries/not-an-id", headers=AUTH)).json()["error"]["param"] == "entry_id"
+    again = await client.post("/v1/chat/completions", json=chat("one", cache={"namespace": "a"}))
+    assert again.headers["x-cache"] == "MISS"
+    assert (await client.delete("/admin/entries", params={"namespace": "b"}, headers=AUTH)).json() == {"deleted": 2}
+    assert (await client.delete("/admin/entries", headers=AUTH)).status_code == 400
+    refused = await client.post("/admin/flush", json={}, headers=AUTH)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "confirm"
+    assert (await client.post("/admin/flush", json={"confirm": "flush"}, headers=AUTH)).json() == {"deleted": 1}
+    assert (await client.get("/admin/stats", headers=AUTH)).json()["entries"] == 0

@@ -1,0 +1,111 @@
+"""Bad input gets a clear 400 naming the parameter; upstream failures keep OpenAI's error shape."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.proxy.conftest import FakeUpstream, chat
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert "Traceback" not in r.text
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m"}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": "hi"}, "messages"),
+        ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({**chat("hi"), "stream": "yes"}, "stream"),
+        ({**chat("hi"), "temperature": "hot"}, "temperature"),
+        ({**chat("hi"), "temperature": 3}, "temperature"),
+        ({**chat("hi"), "max_tokens": 0}, "max_tokens"),
+        ({**chat("hi"), "cache": {"ttl": -1}}, "cache.ttl"),
+        ({**chat("hi"), "cache": {"namespace": "a b"}}, "cache.namespace"),
+        ({**chat("hi"), "cache": {"bogus": 1}}, "cache.bogus"),
+    ],
+)
+async def test_bad_fields_name_the_parameter(
+    client: httpx.AsyncClient, upstream: FakeUpstream, body: dict, param: str
+) -> None:
+    error = assert_error(await client.post("/v1/chat/completions", json=body), 400, param)
+    assert error["type"] == "invalid_request_error"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b"[1, 2]", b"", b"null"])
+async def test_unparseable_bodies(client: httpx.AsyncClient, raw: bytes) -> None:
+    r = await client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400, None)
+
+
+async def test_bad_input_corrupts_nothing(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/chat/completions", json=chat("What is 2 + 2?"))
+    await client.post("/v1/chat/completions", json={**chat("What is 2 + 2?"), "temperature": "hot"})
+    assert (await client.post("/v1/chat/completions", json=chat("What is 2 + 2?"))).headers["x-cache"] == "HIT-EXACT"
+
+
+async def test_upstream_error_keeps_status_and_shape(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    upstream.handler = lambda request: httpx.Response(
+        429, json={"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
+    )
+    r = await client.post("/v1/chat/completions", json=chat("hi"))
+    error = assert_error(r, 429, None)
+    assert error["message"] == "Rate limit reached" and error["code"] == "rate_limit_exceeded"
+    assert r.headers["x-cache"] == "MISS"
+    again = await client.post("/v1/chat/completions", json=chat("hi"))
+    assert again.status_code == 429, "errors are never cached"
+
+
+async def test_upstream_non_json_error(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    upstream.handler = lambda request: httpx.Response(500, text="<html>oops</html>")
+    r = await client.post("/v1/chat/completions", json=chat("hi"))
+    assert assert_error(r, 500, None)["type"] == "upstream_error"
+
+
+async def test_upstream_down_is_502(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    upstream.handler = refuse
+    assert_error(await client.post("/v1/chat/completions", json=chat("hi")), 502, None)
+    streamed = await client.post("/v1/chat/completions", json=chat("hi", stream=True))
+    assert_error(streamed, 502, None)
+
+
+async def test_upstream_timeout_is_504(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("read timed out", request=request)
+
+    upstream.handler = slow
+    assert_error(await client.post("/v1/chat/completions", json=chat("hi")), 504, None)
+
+
+async def test_no_upstream_is_503_saying_how_to_configure(make_client) -> None:  # type: ignore[no-untyped-def]
+    async with make_client(upstream_base_url=None) as client:
+        r = await client.post("/v1/chat/completions", json=chat("hi"))
+    error = assert_error(r, 503, None)
+    assert "CACHECADE_UPSTREAM_BASE_URL" in error["message"] and error["code"] == "upstream_not_configured"
+
+
+async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/v1/nope"), 404, None)
+    assert_error(await client.get("/v1/chat/completions"), 405, None)
+
+
+async def test_auth_passthrough_and_configured_key(make_client, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    async with make_client() as client:
+        await client.post("/v1/chat/completions", json=chat("a"), headers={"authorization": "Bearer caller"})
+    async with make_client(upstream_api_key="sk-configured") as client:
+        await client.post("/v1/chat/completions", json=chat("b"), headers={"authorization": "Bearer caller"})
+    assert [r.headers.get("authorization") for r in upstream.requests] == ["Bearer caller", "Bearer sk-configured"]
