@@ -60,6 +60,8 @@ class VectorIndex:
         part = self._partitions.get(partition)
         if part is None:
             part = self._partitions[partition] = _Partition(self._flat())
+        if part.tombstones.intersection(int(v) for v in vids):
+            self._rebuild(part, hnsw=True)  # an id coming back must not stay hidden behind its tombstone
         part.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), vids.astype(np.int64))
         for vid in vids:
             self._where[int(vid)] = partition

@@ -99,10 +99,10 @@ def chat_key(body: Mapping[str, Any], tenant: str, namespace: str) -> CacheKey:
 def completion_key(body: Mapping[str, Any], tenant: str, namespace: str) -> CacheKey:
     """Key a validated legacy completion request body; a single string prompt is the embedded text."""
     fields = _request_fields(body)
-    exact = _digest("exact", tenant, namespace, "completion", fields)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
+        prompt = fields["prompt"] = prompt[0]  # "x" and ["x"] are the same request
+    exact = _digest("exact", tenant, namespace, "completion", fields)
     text = prompt if isinstance(prompt, str) and prompt.strip() else None
     context = {k: v for k, v in fields.items() if k != "prompt"} if text is not None else fields
     partition = _digest("partition", tenant, namespace, "completion", context)

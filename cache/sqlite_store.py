@@ -112,15 +112,16 @@ class SQLiteStore:
                  json.dumps(e.response), e.tier, e.created_at, e.expires_at, e.text, vector, e.embedder_id,
                  e.prompt_tokens, e.completion_tokens, e.created_at),
             )  # fmt: skip
-            evicted = self._evict(max_entries) if max_entries is not None else []
+            evicted = self._evict(max_entries, keep=e.vid) if max_entries is not None else []
         return PutResult(replaced, evicted)
 
-    def _evict(self, max_entries: int) -> list[int]:
+    def _evict(self, max_entries: int, keep: int) -> list[int]:
+        """Delete the least recently used entries past max_entries, never the one just stored."""
         (count,) = self.db.execute("SELECT COUNT(*) FROM entries").fetchone()
         if count <= max_entries:
             return []
         rows = self.db.execute(
-            "SELECT vid FROM entries ORDER BY last_access LIMIT ?", (count - max_entries,)
+            "SELECT vid FROM entries WHERE vid != ? ORDER BY last_access LIMIT ?", (keep, count - max_entries)
         ).fetchall()
         vids = [r[0] for r in rows]
         self._delete(vids)

@@ -61,8 +61,9 @@ def create_app(
 async def _start(settings: Settings, embedder: Embedder | None, transport: httpx.AsyncBaseTransport | None) -> Services:
     model = embedder
     if model is None:
-        models = settings.data_dir / "models"
-        model = await asyncio.to_thread(load_embedder, settings.embedder, settings.embedder_backend, models)
+        model = await asyncio.to_thread(
+            load_embedder, settings.embedder, settings.embedder_backend, settings.model_cache_dir
+        )
     async_embedder = AsyncEmbedder(model)
     store = await SQLiteStore.open(settings.data_dir / "cache.sqlite3")
     cache = ResponseCache(store, VectorIndex(model.dim, settings.hnsw_threshold), async_embedder,

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
         None, description="bearer token of the /admin API (at least 16 characters); unset = admin disabled"
     )
     data_dir: Path = Field(default_factory=_default_data_dir, description="embedded store location")
+    model_cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "cachecade",
+        description="where derived model files (the embedder's ONNX export) are kept",
+    )
     redis_url: str | None = Field(None, description="shared Redis store (arrives with the Redis issue)")
 
     embedder: str = Field("all-MiniLM-L6-v2", description="packaged embedder name or local model directory")
