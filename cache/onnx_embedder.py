@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,8 +95,9 @@ class OnnxEmbedder:
 
         max_length = _check_pipeline(model_dir)
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest, not to a fixed 128
+        self.tokenizer.no_padding()  # padding per batch in _run, to the batch's longest text
         self.tokenizer.enable_truncation(max_length)
+        self.batch_size = 32
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
@@ -119,14 +121,25 @@ class OnnxEmbedder:
             raise EmbedderError(f"could not load the ONNX embedder for {name}: {exc}") from exc
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return out
         encodings = self.tokenizer.encode_batch(list(texts))
-        feed = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
+        # Batches of similar length waste little on padding; the order is restored on the way out.
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            out[rows] = self._run([encodings[i] for i in rows])
+        return out
+
+    def _run(self, encodings: list[Any]) -> np.ndarray:
+        width = max(len(e.ids) for e in encodings)
+
+        def column(name: str) -> np.ndarray:
+            return np.array([getattr(e, name)[:width] + [0] * (width - len(e.ids)) for e in encodings], dtype=np.int64)
+
+        feed = {"input_ids": column("ids"), "attention_mask": column("attention_mask"),
+                "token_type_ids": column("type_ids")}  # fmt: skip
         hidden = self.session.run(None, feed)[0]
         mask = feed["attention_mask"][..., None].astype(np.float32)
         pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)

@@ -1,0 +1,33 @@
+"""Helpers shared by the benchmarks: machine description, percentiles, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
+            "python": sys.version.split()[0]}  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def write_json(name: str, report: dict[str, Any], out: Path | None = None) -> Path:
+    """Write a report to bench/results/NAME.json (or `out`) and return the path."""
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return path

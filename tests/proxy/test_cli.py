@@ -1,0 +1,59 @@
+"""The `cachecade` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+
+CLI = [sys.executable, "-m", "proxy.cli"]
+
+
+def test_serve_help_explains_every_option() -> None:
+    out = subprocess.run([*CLI, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--host", "--port", "--config", "--log-level", "CACHECADE_UPSTREAM_BASE_URL", "cache_threshold"):
+        assert option in out
+
+
+def test_serve_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:
+    env = {"CACHECADE_CACHE_THRESHOLD": "2", "CACHECADE_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([*CLI, "serve", "--port", "1"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert "cache_threshold (CACHECADE_CACHE_THRESHOLD)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_calibrate_prints_table_and_writes_json(
+    tmp_path: Path, model_cache: Path, embedder: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pairs = [
+        {"text_a": "How do I learn Python?", "text_b": "How can I learn Python?", "label": 1},
+        {"text_a": "How many legs does a spider have?", "text_b": "How many legs do spiders have?", "label": 1},
+        {"text_a": "What is the capital of France?", "text_b": "What is the capital of Germany?", "label": 0},
+        {"text_a": "Why is the sky blue?", "text_b": "How do I bake bread?", "label": 0},
+    ]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    out = tmp_path / "report.json"
+    code = main(["calibrate", "--pairs", str(path), "--thresholds", "0.80:0.98:0.06", "--max-false-hit", "0.0",
+                 "--model-cache", str(model_cache), "--json", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "threshold" in printed and "recommended threshold" in printed
+    report = json.loads(out.read_text())
+    assert [r["threshold"] for r in report["rows"]] == [0.8, 0.86, 0.92, 0.98]
+    assert report["rows"][0]["false_hit_rate"]["of"] == 2 and report["recommended_threshold"] == 0.8
+
+
+def test_calibrate_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", "--pairs", str(tmp_path / "nope.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_bad_threshold_range_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--pairs", "x", "--thresholds", "0.9:0.8:0.01"])
