@@ -96,7 +96,9 @@ def embedder_id(name: str) -> str:
     return str(Path(name).expanduser().resolve())
 
 
-def load_embedder(name: str = DEFAULT_EMBEDDER, backend: str = "onnx", cache_dir: Path | None = None) -> Embedder:
+def load_embedder(
+    name: str = DEFAULT_EMBEDDER, backend: str = "onnx", cache_dir: Path | None = None, threads: int | None = None
+) -> Embedder:
     """Load an embedder. `onnx` (default) runs the same weights on ONNX Runtime, about 4x faster than torch
     here; the ONNX file is exported from the packaged weights once and kept in `cache_dir`."""
     if backend == "torch":
@@ -104,7 +106,7 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, backend: str = "onnx", cache_dir
     if backend == "onnx":
         from cache.onnx_embedder import OnnxEmbedder
 
-        return OnnxEmbedder.load(name, cache_dir or Path.home() / ".cache" / "cachecade")
+        return OnnxEmbedder.load(name, cache_dir or Path.home() / ".cache" / "cachecade", threads)
     raise EmbedderError(f"unknown embedder backend {backend!r} (onnx or torch)")
 
 

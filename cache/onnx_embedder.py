@@ -99,14 +99,14 @@ class OnnxEmbedder:
         self.tokenizer.enable_truncation(max_length)
         self.batch_size = 32
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.model_id = model_id
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
     @classmethod
-    def load(cls, name: str, cache_dir: Path) -> OnnxEmbedder:
+    def load(cls, name: str, cache_dir: Path, threads: int | None = None) -> OnnxEmbedder:
         """Load the ONNX graph for a packaged name or model directory, exporting it on first use."""
         model_dir = resolve_embedder_path(name)
         onnx_path = cache_dir / "onnx" / f"{model_dir.parent.name}-{_fingerprint(model_dir)}.onnx"
@@ -114,7 +114,7 @@ class OnnxEmbedder:
             if not onnx_path.exists():
                 log.info("exporting %s to ONNX at %s (once)", name, onnx_path)
                 export_onnx(model_dir, onnx_path)
-            return cls(onnx_path, model_dir, embedder_id(name))
+            return cls(onnx_path, model_dir, embedder_id(name), threads)
         except EmbedderError:
             raise
         except Exception as exc:

@@ -77,6 +77,13 @@ class ResponseCache:
         self.policy = policy
         self.clock = clock
         self.stats = CacheStats()
+        self._last_used: dict[int, float] = {}
+
+    async def flush_uses(self) -> None:
+        """Write the recorded uses to the store (LRU order); called every second and before an insert."""
+        if self._last_used:
+            last_used, self._last_used = self._last_used, {}
+            await self.store.touch(last_used)
 
     async def rebuild_index(self) -> int:
         """Load every live vector of this embedder from the store into the index (at start)."""
@@ -118,7 +125,7 @@ class ResponseCache:
         if hit is None:
             self.stats.misses += 1
             return None, vector
-        await self.store.touch(hit.entry.vid, now)
+        self._last_used[hit.entry.vid] = now  # written in batches by flush_uses(), off the hit path
         self.stats.tokens_saved += hit.entry.prompt_tokens + hit.entry.completion_tokens
         if hit.tier == "exact":
             self.stats.hits_exact += 1
@@ -167,6 +174,7 @@ class ResponseCache:
             embedder_id=self.embedder.model_id if self.embedder else "",
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         )  # fmt: skip
+        await self.flush_uses()
         result = await self.store.put(entry, self.policy.max_entries)
         self.index.remove(result.replaced + result.evicted)
         self.stats.evicted += len(result.evicted)

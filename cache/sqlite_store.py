@@ -164,8 +164,15 @@ class SQLiteStore:
         rows = await self._run(self._select, where, (exact_key, now))
         return rows[0] if rows else None
 
-    async def touch(self, vid: int, now: float) -> None:
-        await self._run(self.db.execute, "UPDATE entries SET last_access = ? WHERE vid = ?", (now, vid))
+    async def touch(self, last_used: dict[int, float]) -> None:
+        def update() -> None:
+            with self.db:
+                self.db.executemany(
+                    "UPDATE entries SET last_access = MAX(last_access, ?) WHERE vid = ?",
+                    [(when, vid) for vid, when in last_used.items()],
+                )
+
+        await self._run(update)
 
     async def delete(self, vids: list[int]) -> list[int]:
         return await self._run(self._delete, vids)

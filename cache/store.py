@@ -104,8 +104,8 @@ class EntryStore(Protocol):
         """The live entry stored under this exact key, if any."""
         ...
 
-    async def touch(self, vid: int, now: float) -> None:
-        """Record a use, for LRU eviction."""
+    async def touch(self, last_used: dict[int, float]) -> None:
+        """Record uses (id -> time), for LRU eviction; ids that are gone are ignored."""
         ...
 
     async def delete(self, vids: list[int]) -> list[int]: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,7 +25,8 @@ from proxy.services import Services
 from proxy.upstream import Upstream
 
 log = logging.getLogger("cachecade")
-PURGE_INTERVAL_S = 60.0
+PURGE_EVERY_S = 60.0
+FLUSH_USES_EVERY_S = 1.0
 
 
 def create_app(
@@ -40,13 +42,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await _start(settings, embedder, upstream_transport)
         app.state.services = services
-        purger = asyncio.create_task(_purge_forever(services.cache))
+        upkeep = asyncio.create_task(_upkeep(services.cache))
         try:
             yield
         finally:
-            purger.cancel()
+            upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await purger
+                await upkeep
             await _stop(services)
 
     app = FastAPI(title="cachecade", version="0.1.0", lifespan=lifespan)
@@ -62,8 +64,9 @@ async def _start(settings: Settings, embedder: Embedder | None, transport: httpx
     model = embedder
     if model is None:
         model = await asyncio.to_thread(
-            load_embedder, settings.embedder, settings.embedder_backend, settings.model_cache_dir
-        )
+            load_embedder, settings.embedder, settings.embedder_backend, settings.model_cache_dir,
+            settings.embedder_threads,
+        )  # fmt: skip
     async_embedder = AsyncEmbedder(model)
     store = await SQLiteStore.open(settings.data_dir / "cache.sqlite3")
     cache = ResponseCache(store, VectorIndex(model.dim, settings.hnsw_threshold), async_embedder,
@@ -87,16 +90,22 @@ async def _start(settings: Settings, embedder: Embedder | None, transport: httpx
 
 
 async def _stop(services: Services) -> None:
+    await services.cache.flush_uses()
     if services.upstream is not None:
         await services.upstream.aclose()
     await services.cache.store.close()
     services.embedder.close()
 
 
-async def _purge_forever(cache: ResponseCache) -> None:
+async def _upkeep(cache: ResponseCache) -> None:
+    """Write recorded uses every second and purge expired entries every minute."""
+    last_purge = time.monotonic()
     while True:
-        await asyncio.sleep(PURGE_INTERVAL_S)
+        await asyncio.sleep(FLUSH_USES_EVERY_S)
         try:
-            await cache.purge_expired()
-        except Exception:  # keep purging later; a failed purge only delays reclaiming space
-            log.exception("purging expired entries failed")
+            await cache.flush_uses()
+            if time.monotonic() - last_purge >= PURGE_EVERY_S:
+                last_purge = time.monotonic()
+                await cache.purge_expired()
+        except Exception:  # keep going: a failed round only delays LRU bookkeeping or reclaiming space
+            log.exception("cache upkeep failed")

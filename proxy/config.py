@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     embedder_backend: Literal["onnx", "torch"] = Field(
         "onnx", description="onnx: same weights on ONNX Runtime, ~4x faster here; torch: sentence-transformers"
     )
+    embedder_threads: int = Field(
+        2, ge=1, le=64, description="threads for one embedding (onnx backend); 2 is fastest on a 2-core sidecar"
+    )
     hnsw_threshold: int = Field(50_000, ge=1, description="partition size past which search uses HNSW")
     share_cache_across_tenants: bool = Field(
         False, description="serve one API key's cached answers to another (off: tenants are isolated)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,8 @@ class RequestContext:
     tenant: str
     headers: Mapping[str, str]
     directives: CacheDirectives = field(default_factory=CacheDirectives)
+    # Returns once the caller has disconnected; the pipeline cancels upstream work when it does.
+    disconnected: Callable[[], Awaitable[None]] | None = None
 
 
 def request_id_of(scope: Scope) -> str:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.types import Receive
 
 from cache.embedder import DEFAULT_EMBEDDER, PACKAGED_EMBEDDERS
 from cache.keys import Kind
@@ -23,7 +22,6 @@ from proxy.services import Services
 
 router = APIRouter(prefix="/v1")
 M = TypeVar("M", bound=BaseModel)
-T = TypeVar("T")
 
 
 def services(request: Request) -> Services:
@@ -46,30 +44,10 @@ async def parse_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any
         raise from_validation(exc) from None
 
 
-class ClientDisconnected(ProxyError):
-    """The caller went away before the answer was ready (nobody reads this response)."""
-
-    status = 499
-    code = "client_closed_request"
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so the upstream request) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        raise ClientDisconnected("client disconnected")
-    return task.result()
+async def _disconnect(receive: Receive) -> None:
+    """Return once the client has gone away (the body was already read, so only http.disconnect can come)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def context(request: Request, svc: Services) -> RequestContext:
@@ -79,6 +57,7 @@ def context(request: Request, svc: Services) -> RequestContext:
         tenant=tenant_of(headers, svc.settings.share_cache_across_tenants),
         headers={k.lower(): v for k, v in headers.items()},
         directives=CacheDirectives.parse(headers.get("cache-control")),
+        disconnected=lambda: _disconnect(request.receive),
     )
 
 
@@ -94,9 +73,7 @@ async def _generate(request: Request, kind: Kind, model: type[ChatCompletionRequ
     svc = services(request)
     parsed, body = await parse_body(request, model)
     ctx = context(request, svc)
-    run = svc.pipeline.run(kind, parsed, body, ctx)
-    reply = await (run if parsed.stream else until_disconnect(request, run))
-    return render(reply)
+    return render(await svc.pipeline.run(kind, parsed, body, ctx))
 
 
 @router.post("/chat/completions")

@@ -3,13 +3,14 @@ complete answers afterwards. No FastAPI in here: routes parse, call `run`, and r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from proxy.streaming import StreamAccumulator, replay_chat, replay_completion
 from proxy.upstream import Upstream
 
 log = logging.getLogger("cachecade.pipeline")
+T = TypeVar("T")
 
 _PATHS = {"chat": "chat/completions", "completion": "completions"}
 _ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}
@@ -63,6 +65,28 @@ class Reply:
     outcome: Outcome
     body: dict[str, Any] | None = None
     stream: AsyncIterator[bytes] | None = None
+
+
+class ClientDisconnected(ProxyError):
+    """The caller went away before the answer was ready (nobody reads this response)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
+async def cancel_on_disconnect(work: Awaitable[T], disconnected: Callable[[], Awaitable[None]] | None) -> T:
+    """Await `work`, cancelling it (and so its upstream request) if the client disconnects first."""
+    if disconnected is None:
+        return await work
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnected("client disconnected")
+    return task.result()
 
 
 async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -167,7 +191,7 @@ class CompletionPipeline:
             chunks = await stack.enter_async_context(upstream.stream(_PATHS[kind], forwarded, headers))
             events = self._pass_through(kind, chunks, stack, store_key, vector, options)
             return Reply(outcome, stream=events)
-        payload = await upstream.post(_PATHS[kind], forwarded, headers)
+        payload = await cancel_on_disconnect(upstream.post(_PATHS[kind], forwarded, headers), ctx.disconnected)
         if store_key is not None:
             entry_id = await self._store(store_key, payload, vector, options)
             outcome.entry_id = entry_id

@@ -92,12 +92,12 @@ async def test_same_exact_key_replaces(store: SQLiteStore) -> None:
 async def test_lru_eviction_uses_touch(store: SQLiteStore) -> None:
     for vid in (1, 2, 3):
         await store.put(entry(vid), max_entries=3)  # last_access = created_at = vid
-    await store.touch(1, now=10.0)  # 1 is now the most recently used; 2 is the least
+    await store.touch({1: 10.0})  # 1 is now the most recently used; 2 is the least
     result = await store.put(entry(4), max_entries=3)
     assert result.evicted == [2]
     assert await store.get(2) is None
     assert await store.count() == 3
-    await store.touch(3, now=11.0)
+    await store.touch({3: 11.0})
     result = await store.put(entry(5, created_at=12.0), max_entries=2)
     assert sorted(result.evicted) == [1, 4]  # last_access 10.0 and 4.0; 3 (11.0) and 5 (12.0) stay
     assert sorted(e.vid for e in await store.list_entries(tenant=None, namespace=None, limit=10)) == [3, 5]

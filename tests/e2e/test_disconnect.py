@@ -86,12 +86,14 @@ def request(stream: bool) -> dict:
 
 
 def test_stream_disconnect_cancels_upstream(upstream: tuple[SlowUpstream, str], proxy_url: str) -> None:
-    with httpx.Client(base_url=proxy_url) as client:
-        with client.stream("POST", "/v1/chat/completions", json=request(True)) as response:
-            assert response.headers["x-cache"] == "MISS"
-            for i, _ in enumerate(response.iter_lines()):
-                if i >= 3:
-                    break
+    with (
+        httpx.Client(base_url=proxy_url) as client,
+        client.stream("POST", "/v1/chat/completions", json=request(True)) as response,
+    ):
+        assert response.headers["x-cache"] == "MISS"
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 3:
+                break
     assert upstream[0].cancelled.wait(5), "upstream stream still running after the client left"
 
 
