@@ -4,7 +4,8 @@
 Measures, in one run:
   * exact-hit latency at concurrency 1 (repeats of seeded requests),
   * semantic-hit latency at concurrency 1 and at --concurrency (QQP paraphrases of seeded requests),
-  * miss overhead: proxy miss latency minus direct upstream latency, interleaved in the same run,
+  * miss overhead: proxy miss latency minus direct upstream latency, interleaved in the same run (with a
+    proxied BYPASS, Cache-Control: no-cache, no-store, to split forwarding from cache work),
   * the embedder alone, in-process (the same ONNX embedder the proxy uses),
 and checks the latency targets. Prints a table and writes JSON (bench/results/latency.json by default).
 
@@ -53,6 +54,14 @@ class BenchError(RuntimeError):
     """A run that cannot give meaningful numbers."""
 
 
+_T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    """Progress on stdout, stamped with seconds since start."""
+    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", flush=True)
+
+
 # --- processes (small copies of the e2e helpers; bench code does not import tests/) ---------------------------
 
 
@@ -86,17 +95,19 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def start_upstream(workdir: Path) -> tuple[subprocess.Popen, str, Path]:
+def start_upstream(workdir: Path, threads: int) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log = workdir / "llama-server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias", "smollm2",
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]  # fmt: skip
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)]  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{port}", log
 
 
-def start_proxy(workdir: Path, upstream_v1: str, threshold: float) -> tuple[subprocess.Popen, str, Path]:
+def start_proxy(
+    workdir: Path, upstream_v1: str, threshold: float, extra: dict[str, str]
+) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +115,7 @@ def start_proxy(workdir: Path, upstream_v1: str, threshold: float) -> tuple[subp
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHECADE_")}
     env |= {"CACHECADE_UPSTREAM_BASE_URL": upstream_v1, "CACHECADE_DATA_DIR": str(data_dir),
             "CACHECADE_MODEL_CACHE_DIR": str(MODEL_CACHE), "CACHECADE_LOG_LEVEL": "warning",
-            "CACHECADE_CACHE_THRESHOLD": repr(threshold), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+            "CACHECADE_CACHE_THRESHOLD": repr(threshold), "HF_HUB_OFFLINE": "1", **extra}  # fmt: skip
     script = Path(sys.executable).parent / "cachecade"
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
     cmd = [*launcher, "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -120,7 +131,7 @@ def start_proxy(workdir: Path, upstream_v1: str, threshold: float) -> tuple[subp
 class Queries:
     pairs: list[tuple[str, str, float]]  # (text_a, text_b, cosine)
     examined: int  # duplicate pairs embedded to find them
-    miss_prompts: list[tuple[str, str]] = field(default_factory=list)  # (direct, proxied), distinct strings
+    miss_prompts: list[tuple[str, str, str]] = field(default_factory=list)  # (direct, miss, bypass)
 
 
 def read_pairs(data: Path) -> tuple[Path, list[dict[str, Any]]]:
@@ -156,9 +167,9 @@ def select_pairs(rows: list[dict[str, Any]], embedder: Any, count: int, threshol
 
 def select_miss_prompts(
     rows: list[dict[str, Any]], embedder: Any, used: Sequence[str], samples: int, threshold: float
-) -> list[tuple[str, str]]:
-    """Pairs of distinct questions of the same length in embedder tokens, none of which is within the cache
-    threshold of any other selected or already-used text (so each really misses)."""
+) -> list[tuple[str, str, str]]:
+    """Triples of distinct questions (direct, proxied miss, proxied bypass) of the same length in embedder tokens,
+    none within reach of the cache threshold of any other selected or already-used text (so each really misses)."""
     used_set = set(used)
     pool: list[str] = []
     seen: set[str] = set()
@@ -169,26 +180,26 @@ def select_miss_prompts(
         if text.strip() and text not in used_set and text not in seen and 3 <= len(text.split()) <= 25:
             pool.append(text)
             seen.add(text)
-        if len(pool) >= 8 * samples + 200:
+        if len(pool) >= 10 * samples + 300:
             break
     vectors = embedder.encode(pool)
     tokens = embedder.count_tokens(pool)
     chosen = embedder.encode(list(used)) if used else np.zeros((0, vectors.shape[1]), dtype=np.float32)
-    by_length: dict[int, list[int]] = {}
-    pairs: list[tuple[str, str]] = []
+    by_length: dict[int, list[str]] = {}
+    groups: list[tuple[str, str, str]] = []
     margin = threshold - 0.05  # keep well clear of the threshold
     for i, text in enumerate(pool):
         if chosen.shape[0] and float((chosen @ vectors[i]).max()) >= margin:
             continue
         chosen = np.vstack([chosen, vectors[i : i + 1]])
         waiting = by_length.setdefault(tokens[i], [])
-        if waiting:
-            pairs.append((pool[waiting.pop()], text))
-            if len(pairs) == samples:
-                return pairs
-        else:
-            waiting.append(i)
-    raise BenchError(f"only {len(pairs)} same-length miss prompt pairs found; lower --miss-samples")
+        waiting.append(text)
+        if len(waiting) == 3:
+            groups.append((waiting[0], waiting[1], waiting[2]))
+            waiting.clear()
+            if len(groups) == samples:
+                return groups
+    raise BenchError(f"only {len(groups)} same-length miss prompt groups found; lower --miss-samples")
 
 
 # --- measurement ------------------------------------------------------------------------------------------
@@ -210,9 +221,9 @@ class Sample:
     threshold: float | None
 
 
-async def send(client: httpx.AsyncClient, base: str, text: str) -> Sample:
+async def send(client: httpx.AsyncClient, base: str, text: str, headers: dict[str, str] | None = None) -> Sample:
     started = time.perf_counter()
-    response = await client.post(f"{base}/v1/chat/completions", json=body(text))
+    response = await client.post(f"{base}/v1/chat/completions", json=body(text), headers=headers)
     elapsed = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
         raise BenchError(f"{base} answered {response.status_code} to {text!r}: {response.text[:500]}")
@@ -248,9 +259,23 @@ def summary(samples: list[Sample], wall_s: float, concurrency: int) -> dict[str,
     }  # fmt: skip
 
 
-async def run_phase(client: httpx.AsyncClient, base: str, texts: Sequence[str], total: int, concurrency: int
-                    ) -> dict[str, Any]:  # fmt: skip
-    """`total` requests cycling over `texts`, from `concurrency` workers sharing one counter."""
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float | None]:
+    """CPU time (user + system, seconds) of this process ("bench client") and of the given processes (Linux)."""
+    out: dict[str, float | None] = {"bench_client": time.process_time()}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (all threads)
+        except (OSError, IndexError, ValueError):
+            out[name] = None
+    return out
+
+
+async def run_phase(client: httpx.AsyncClient, base: str, texts: Sequence[str], total: int, concurrency: int,
+                    pids: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    """`total` requests cycling over `texts`, from `concurrency` workers sharing one counter. Also the CPU time
+    each process spent per request, to see where the time goes on a small machine."""
     samples: list[Sample] = []
     counter = iter(range(total))
 
@@ -258,9 +283,17 @@ async def run_phase(client: httpx.AsyncClient, base: str, texts: Sequence[str], 
         for i in counter:
             samples.append(await send(client, base, texts[i % len(texts)]))
 
+    cpu_before = cpu_seconds(pids)
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summary(samples, time.perf_counter() - started, concurrency)
+    wall = time.perf_counter() - started
+    cpu_after = cpu_seconds(pids)
+    result = summary(samples, wall, concurrency)
+    result["cpu_ms_per_request"] = {
+        name: round((after - before) * 1000 / total, 3) if after is not None and before is not None else None
+        for name, before, after in ((n, cpu_before[n], cpu_after[n]) for n in cpu_before)
+    }
+    return result
 
 
 async def seed(client: httpx.AsyncClient, proxy: str, pairs: list[tuple[str, str, float]]) -> dict[str, Any]:
@@ -286,46 +319,54 @@ async def seed(client: httpx.AsyncClient, proxy: str, pairs: list[tuple[str, str
 
 async def miss_overhead(
     proxy_client: httpx.AsyncClient, upstream_client: httpx.AsyncClient, proxy: str, upstream: str,
-    prompts: list[tuple[str, str]],
+    prompts: list[tuple[str, str, str]],
 ) -> dict[str, Any]:  # fmt: skip
-    """Interleave a direct upstream request and a proxied miss (different prompts of the same length); the order
-    alternates every iteration. Pairs whose proxied request was not a MISS are left out and counted."""
-    direct_ms: list[float] = []
-    proxy_ms: list[float] = []
-    diffs: list[float] = []
-    tokens: dict[str, list[int]] = {"direct_prompt": [], "proxy_prompt": [], "direct_completion": [],
-                                    "proxy_completion": []}  # fmt: skip
+    """Per iteration: one direct upstream request, one proxied miss (looked up, then stored) and one proxied bypass
+    (Cache-Control: no-cache, no-store: forwarding only), each a different prompt of the same length; which goes
+    first rotates every iteration. Iterations whose proxied miss was not a MISS are left out and counted."""
+    bypass_headers = {"Cache-Control": "no-cache, no-store"}
+    kept: list[dict[str, Sample]] = []
     not_miss: Counter[str] = Counter()
-    for i, (direct_text, proxy_text) in enumerate(prompts):
-        if i % 2 == 0:
-            d = await send(upstream_client, upstream, direct_text)
-            p = await send(proxy_client, proxy, proxy_text)
-        else:
-            p = await send(proxy_client, proxy, proxy_text)
-            d = await send(upstream_client, upstream, direct_text)
-        if p.cache != "MISS":
-            not_miss[p.cache] += 1
+    for i, (direct_text, miss_text, bypass_text) in enumerate(prompts):
+        calls = [("direct", lambda t=direct_text: send(upstream_client, upstream, t)),
+                 ("miss", lambda t=miss_text: send(proxy_client, proxy, t)),
+                 ("bypass", lambda t=bypass_text: send(proxy_client, proxy, t, bypass_headers))]  # fmt: skip
+        calls = calls[i % 3 :] + calls[: i % 3]
+        got = {name: await call() for name, call in calls}
+        if got["miss"].cache != "MISS":
+            not_miss[got["miss"].cache] += 1
             continue
-        direct_ms.append(d.ms)
-        proxy_ms.append(p.ms)
-        diffs.append(p.ms - d.ms)
-        tokens["direct_prompt"].append(d.prompt_tokens or 0)
-        tokens["proxy_prompt"].append(p.prompt_tokens or 0)
-        tokens["direct_completion"].append(d.completion_tokens or 0)
-        tokens["proxy_completion"].append(p.completion_tokens or 0)
-    if not diffs:
+        kept.append(got)
+    if not kept:
         raise BenchError(f"no proxied request missed: {dict(not_miss)}")
-    # Pairs with the same upstream token counts on both sides: the difference without generation-length noise.
-    same = [diffs[i] for i in range(len(diffs)) if tokens["direct_prompt"][i] == tokens["proxy_prompt"][i]
-            and tokens["direct_completion"][i] == tokens["proxy_completion"][i]]  # fmt: skip
+
+    def ms(name: str) -> list[float]:
+        return [g[name].ms for g in kept]
+
+    def tokens(name: str, which: str) -> float:
+        return round(float(np.mean([getattr(g[name], f"{which}_tokens") or 0 for g in kept])), 2)
+
+    miss_diff = [g["miss"].ms - g["direct"].ms for g in kept]
+    bypass_diff = [g["bypass"].ms - g["direct"].ms for g in kept]
+    cache_work = [g["miss"].ms - g["bypass"].ms for g in kept]
+    # Iterations where the upstream saw the same token counts for the direct and the missed prompt.
+    same = [d for g, d in zip(kept, miss_diff, strict=True) if g["direct"].prompt_tokens == g["miss"].prompt_tokens
+            and g["direct"].completion_tokens == g["miss"].completion_tokens]  # fmt: skip
     return {
-        "samples": len(diffs), "not_miss": dict(not_miss),
-        "direct_p50_ms": round(percentile(direct_ms, 50), 3), "proxy_p50_ms": round(percentile(proxy_ms, 50), 3),
-        "direct_mean_ms": round(float(np.mean(direct_ms)), 3), "proxy_mean_ms": round(float(np.mean(proxy_ms)), 3),
-        "overhead_p50_ms": round(percentile(diffs, 50), 3), "overhead_mean_ms": round(float(np.mean(diffs)), 3),
+        "samples": len(kept), "not_miss": dict(not_miss),
+        "bypass_x_cache": dict(Counter(g["bypass"].cache for g in kept)),
+        "direct_p50_ms": round(percentile(ms("direct"), 50), 3), "proxy_p50_ms": round(percentile(ms("miss"), 50), 3),
+        "bypass_p50_ms": round(percentile(ms("bypass"), 50), 3),
+        "direct_mean_ms": round(float(np.mean(ms("direct"))), 3), "proxy_mean_ms": round(float(np.mean(ms("miss"))), 3),
+        "bypass_mean_ms": round(float(np.mean(ms("bypass"))), 3),
+        "overhead_p50_ms": round(percentile(miss_diff, 50), 3), "overhead_mean_ms": round(float(np.mean(miss_diff)), 3),
+        "bypass_overhead_p50_ms": round(percentile(bypass_diff, 50), 3),
+        "bypass_overhead_mean_ms": round(float(np.mean(bypass_diff)), 3),
+        "miss_minus_bypass_p50_ms": round(percentile(cache_work, 50), 3),
         "overhead_p50_same_tokens_ms": round(percentile(same, 50), 3) if same else None,
         "same_token_pairs": len(same),
-        **{f"{k}_tokens_mean": round(float(np.mean(v)), 2) for k, v in tokens.items()},
+        **{f"{n}_{w}_tokens_mean": tokens(n, w) for n in ("direct", "miss", "bypass")
+           for w in ("prompt", "completion")},
     }  # fmt: skip
 
 
@@ -348,7 +389,8 @@ def render(report: dict[str, Any]) -> str:
     f = report["figures"]
     lines = [
         f"cachecade latency  ({report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
-        f"Python {report['python']})",
+        f"Python {report['python']}; 1-min load {report['machine']['load_average_1m_before']} before, "
+        f"{report['machine']['load_average_1m_after']} after)",
         f"dataset {report['dataset']['file']}: {report['dataset']['pairs_used']} paraphrase pairs "
         f"(cosine in [{report['threshold']}, {MAX_SIMILAR}), mean {report['dataset']['pair_cosine_mean']}), "
         f"threshold {report['threshold']}",
@@ -361,17 +403,29 @@ def render(report: dict[str, Any]) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(s["x_cache"].items()))
         lines.append(f"{name:<26}{s['concurrency']:>5}{s['requests']:>6}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}"
                      f"{s['mean_ms']:>9.2f}{s['throughput_rps']:>8.1f}  {counts}")  # fmt: skip
+    lines += ["", "CPU ms per request (all threads)    bench client      proxy   upstream"]
+    concurrency = f["semantic_hit_concurrent"]["concurrency"]
+    for name, key in (("exact hit c=1", "exact_hit_c1"), ("semantic hit c=1", "semantic_hit_c1"),
+                      (f"semantic hit c={concurrency}", "semantic_hit_concurrent")):  # fmt: skip
+        cpu = {k: "-" if v is None else f"{v:.2f}" for k, v in f[key]["cpu_ms_per_request"].items()}
+        lines.append(f"  {name:<34}{cpu['bench_client']:>12}{cpu['proxy']:>11}{cpu['upstream']:>11}")
     m, e = f["miss"], f["embedder"]
     lines += [
         "",
-        f"miss overhead ({m['samples']} interleaved pairs, not-MISS left out: {m['not_miss'] or 'none'})",
-        f"  direct upstream        p50 {m['direct_p50_ms']:8.2f} ms   mean {m['direct_mean_ms']:8.2f} ms"
+        f"miss overhead ({m['samples']} interleaved iterations, not-MISS left out: {m['not_miss'] or 'none'})",
+        f"  direct upstream          p50 {m['direct_p50_ms']:8.2f} ms   mean {m['direct_mean_ms']:8.2f} ms"
         f"   tokens prompt {m['direct_prompt_tokens_mean']}, completion {m['direct_completion_tokens_mean']}",
-        f"  through proxy (MISS)   p50 {m['proxy_p50_ms']:8.2f} ms   mean {m['proxy_mean_ms']:8.2f} ms"
-        f"   tokens prompt {m['proxy_prompt_tokens_mean']}, completion {m['proxy_completion_tokens_mean']}",
-        f"  per-pair difference    p50 {m['overhead_p50_ms']:8.2f} ms   mean {m['overhead_mean_ms']:8.2f} ms",
-        f"  same-token pairs only  p50 {m['overhead_p50_same_tokens_ms']} ms over {m['same_token_pairs']} pairs",
-        f"embedder in-process      p50 {e['p50_ms']:8.2f} ms   p99 {e['p99_ms']:.2f} ms   ({e['samples']} x encode([q]))",
+        f"  through proxy, MISS      p50 {m['proxy_p50_ms']:8.2f} ms   mean {m['proxy_mean_ms']:8.2f} ms"
+        f"   tokens prompt {m['miss_prompt_tokens_mean']}, completion {m['miss_completion_tokens_mean']}",
+        f"  through proxy, BYPASS    p50 {m['bypass_p50_ms']:8.2f} ms   mean {m['bypass_mean_ms']:8.2f} ms"
+        f"   tokens prompt {m['bypass_prompt_tokens_mean']}, completion {m['bypass_completion_tokens_mean']}",
+        f"  MISS - direct (per it.)  p50 {m['overhead_p50_ms']:8.2f} ms   mean {m['overhead_mean_ms']:8.2f} ms"
+        f"   (same-token iterations: p50 {m['overhead_p50_same_tokens_ms']} ms over {m['same_token_pairs']})",
+        f"  BYPASS - direct          p50 {m['bypass_overhead_p50_ms']:8.2f} ms   mean "
+        f"{m['bypass_overhead_mean_ms']:8.2f} ms   (forwarding only)",
+        f"  MISS - BYPASS            p50 {m['miss_minus_bypass_p50_ms']:8.2f} ms   (lookup + embedding + store)",
+        f"embedder in-process        p50 {e['p50_ms']:8.2f} ms   p99 {e['p99_ms']:.2f} ms   "
+        f"({e['samples']} x encode([question]))",
         f"seeding: {f['seed']['first']}, finish_reason {f['seed']['finish_reason']}, miss p50 "
         f"{f['seed']['miss_p50_ms']} ms",
         "",
@@ -382,8 +436,8 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def measure(args: argparse.Namespace, proxy: str, upstream: str, queries: Queries, embedder: Any
-                  ) -> dict[str, Any]:  # fmt: skip
+async def measure(args: argparse.Namespace, proxy: str, upstream: str, queries: Queries, embedder: Any,
+                  pids: dict[str, int]) -> dict[str, Any]:  # fmt: skip
     headers = {"Authorization": f"Bearer {API_KEY}"}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     timeout = httpx.Timeout(120.0)
@@ -392,17 +446,23 @@ async def measure(args: argparse.Namespace, proxy: str, upstream: str, queries: 
         texts_a = [a for a, _, _ in queries.pairs]
         texts_b = [b for _, b, _ in queries.pairs]
         figures: dict[str, Any] = {"seed": await seed(client, proxy, queries.pairs)}
-        print(f"seeded {len(texts_a)} entries: {figures['seed']}", flush=True)
-        figures["exact_hit_c1"] = await run_phase(client, proxy, texts_a, SERIAL_REQUESTS, 1)
+        say(f"seeded {len(texts_a)} entries: {figures['seed']}")
+        figures["exact_hit_c1"] = await run_phase(client, proxy, texts_a, SERIAL_REQUESTS, 1, pids)
+        say("exact hits done")
         for text in texts_b[:5]:  # warm the semantic path once (not counted)
             await send(client, proxy, text)
-        figures["semantic_hit_c1"] = await run_phase(client, proxy, texts_b, SERIAL_REQUESTS, 1)
-        figures["semantic_hit_concurrent"] = await run_phase(client, proxy, texts_b, args.requests, args.concurrency)
-        print("hit phases done; measuring misses", flush=True)
+        figures["semantic_hit_c1"] = await run_phase(client, proxy, texts_b, SERIAL_REQUESTS, 1, pids)
+        say("semantic hits at concurrency 1 done")
+        figures["semantic_hit_concurrent"] = await run_phase(
+            client, proxy, texts_b, args.requests, args.concurrency, pids
+        )
+        say(f"semantic hits at concurrency {args.concurrency} done; measuring misses")
         for text in ("Hello?", "What is two plus two?"):  # warm the upstream's direct connection
             await send(direct, upstream, text)
         figures["miss"] = await miss_overhead(client, direct, proxy, upstream, queries.miss_prompts)
-    figures["embedder"] = embed_latency(embedder, [p for pair in queries.miss_prompts for p in pair], EMBED_SAMPLES)
+    say("misses done; timing the embedder in-process")
+    questions = [q for group in queries.miss_prompts for q in group]
+    figures["embedder"] = embed_latency(embedder, questions, EMBED_SAMPLES)
     return figures
 
 
@@ -429,11 +489,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="workers of the concurrent semantic phase (32)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"cache threshold given to the proxy (default {DEFAULT_THRESHOLD})")  # fmt: skip
+    p.add_argument("--upstream-threads", type=int, default=1,
+                   help="llama.cpp threads of the upstream (default 1: the other core is the proxy's, as if the "
+                   "upstream ran elsewhere)")  # fmt: skip
+    p.add_argument("--set", type=_setting, action="append", default=[], metavar="CACHECADE_NAME=VALUE",
+                   help="extra proxy setting (repeatable)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "latency.json", help="JSON report path")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.miss_samples < 1 or args.requests < 1 or args.concurrency < 1:
         p.error("--pairs, --miss-samples, --requests and --concurrency must be positive")
     return args
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("CACHECADE_"):
+        raise argparse.ArgumentTypeError("expected CACHECADE_NAME=VALUE")
+    return name, value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,29 +514,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     started = time.monotonic()
     dataset, rows = read_pairs(args.data)
-    print("loading the embedder (the first run exports it to ONNX, ~15 s)", flush=True)
+    say("loading the embedder (the first run exports it to ONNX, ~15 s)")
     embedder = load_embedder(DEFAULT_EMBEDDER, "onnx", MODEL_CACHE)
     processes: list[subprocess.Popen] = []
     logs: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="cachecade-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            llama, upstream, llama_log = start_upstream(workdir)
+            llama, upstream, llama_log = start_upstream(workdir, args.upstream_threads)
             processes.append(llama)
             logs.append(llama_log)
-            proxy_process, proxy, proxy_log = start_proxy(workdir, f"{upstream}/v1", args.threshold)
+            proxy_process, proxy, proxy_log = start_proxy(workdir, f"{upstream}/v1", args.threshold, dict(args.set))
             processes.append(proxy_process)
             logs.append(proxy_log)
             # Choose the queries while the servers start.
             queries = select_pairs(rows, embedder, args.pairs, args.threshold)
             used = [t for a, b, _ in queries.pairs for t in (a, b)]
             queries.miss_prompts = select_miss_prompts(rows, embedder, used, args.miss_samples, args.threshold)
-            print(f"{len(queries.pairs)} paraphrase pairs from {queries.examined} duplicates examined; "
-                  f"{len(queries.miss_prompts)} miss prompt pairs", flush=True)  # fmt: skip
+            say(
+                f"{len(queries.pairs)} paraphrase pairs from {queries.examined} duplicates examined; "
+                f"{len(queries.miss_prompts)} miss prompt groups"
+            )
             wait_until_up(f"{upstream}/v1/models", llama, llama_log)
             wait_until_up(f"{proxy}/readyz", proxy_process, proxy_log)
-            print(f"upstream {upstream}, proxy {proxy} up after {time.monotonic() - started:.1f}s", flush=True)
-            figures = asyncio.run(measure(args, proxy, upstream, queries, embedder))
+            say(f"upstream {upstream} and proxy {proxy} are up")
+            pids = {"proxy": proxy_process.pid, "upstream": llama.pid}
+            load_before = os.getloadavg()
+            figures = asyncio.run(measure(args, proxy, upstream, queries, embedder, pids))
+            load_after = os.getloadavg()
         except BaseException:
             for log in logs:
                 if log.exists():
@@ -473,17 +550,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             for process in reversed(processes):
                 stop(process)
+            say("servers stopped")
     report = {
         "benchmark": "latency",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor(),
+            # other work on the machine skews every figure; the 1-minute load before and after measuring
+            "load_average_1m_before": round(load_before[0], 2),
+            "load_average_1m_after": round(load_after[0], 2),
+        },
         "python": sys.version.split()[0],
         "dataset": {
             "file": str(dataset),
             "pairs_used": len(queries.pairs),
             "duplicates_examined": queries.examined,
             "pair_cosine_mean": round(float(np.mean([c for _, _, c in queries.pairs])), 4),
-            "miss_prompt_pairs": len(queries.miss_prompts),
-        },  # fmt: skip
+            "miss_prompt_groups": len(queries.miss_prompts),
+        },
         "threshold": args.threshold,
         "generation": GENERATION,
         "settings": {
@@ -491,8 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrent_requests": args.requests,
             "concurrency": args.concurrency,
             "embed_samples": EMBED_SAMPLES,
-            "upstream": "llama_cpp.server SmolLM2 --n_ctx 2048 --n_threads 2",
-        },  # fmt: skip
+            "upstream": f"llama_cpp.server SmolLM2 --n_ctx 2048 --n_threads {args.upstream_threads}",
+            "proxy_settings": dict(args.set),
+        },
         "figures": figures,
         "targets": targets(figures),
         "elapsed_s": round(time.monotonic() - started, 1),

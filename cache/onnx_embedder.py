@@ -101,6 +101,9 @@ class OnnxEmbedder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: spinning saved 2 ms per embedding in isolation but stole the
+        # cores from the event loop and from a co-located upstream (a miss got 40 ms slower; bench/latency.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.model_id = model_id
         self.dim = int(self.session.get_outputs()[0].shape[-1])
