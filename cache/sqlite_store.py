@@ -1,7 +1,9 @@
 """The embedded default store: entries in one SQLite file on local disk, no server needed.
 
-All database work runs on one dedicated thread (SQLite connections are single-threaded and a write can wait on
-the disk), so the event loop never blocks on it.
+Writes and scans run on one dedicated thread, so the event loop never waits on the disk for them. Point reads by
+key (the lookups on every request) run inline on a second, read-only connection: an indexed read of one row
+takes tens of microseconds, less than handing it to a thread and back (WAL mode lets it read while the writer
+writes).
 """
 
 from __future__ import annotations
@@ -70,12 +72,17 @@ class SQLiteStore:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
         """Create the directory and schema if needed and open the database."""
         store = cls(path)
         await store._run(store._connect)
+        try:
+            store._reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"embedded store at {path}: {exc}") from exc
         return store
 
     def _connect(self) -> None:
@@ -155,14 +162,20 @@ class SQLiteStore:
     async def put(self, entry: Entry, max_entries: int | None) -> PutResult:
         return await self._run(self._put, entry, max_entries)
 
+    def _read_one(self, where: str, args: tuple[Any, ...]) -> Entry | None:
+        if self._reader is None:
+            raise StoreError("the embedded store is closed")
+        try:
+            row = self._reader.execute(f"SELECT {_COLUMNS} FROM entries WHERE {where}", args).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"embedded store at {self._path}: {exc}") from exc
+        return None if row is None else _row_to_entry(row)
+
     async def get(self, vid: int) -> Entry | None:
-        rows = await self._run(self._select, "vid = ?", (vid,))
-        return rows[0] if rows else None
+        return self._read_one("vid = ?", (vid,))
 
     async def get_exact(self, exact_key: str, now: float) -> Entry | None:
-        where = "exact_key = ? AND (expires_at IS NULL OR expires_at > ?)"
-        rows = await self._run(self._select, where, (exact_key, now))
-        return rows[0] if rows else None
+        return self._read_one("exact_key = ? AND (expires_at IS NULL OR expires_at > ?)", (exact_key, now))
 
     async def touch(self, last_used: dict[int, float]) -> None:
         def update() -> None:
@@ -212,6 +225,9 @@ class SQLiteStore:
         await self._run(lambda: self.db.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None

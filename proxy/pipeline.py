@@ -58,6 +58,15 @@ class Outcome:
         return out
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What storing a miss's answer needs: the key (None: do not store), the query vector, a per-request TTL."""
+
+    key: CacheKey | None
+    vector: np.ndarray | None
+    ttl: float | None
+
+
 @dataclass
 class Reply:
     """A JSON body or an SSE byte stream, with its outcome."""
@@ -113,30 +122,31 @@ class CompletionPipeline:
         key = (chat_key if kind == "chat" else completion_key)(body, ctx.tenant, options.namespace)
         lookup = Lookup(ctx.directives.max_age, request.token_limit(), options.threshold)
         self._check_threshold(key, lookup)
-        outcome = Outcome(reason=uncacheable_reason(body, self.cache.policy))
-        vector = None
-        if outcome.reason is None and ctx.directives.no_cache:
-            outcome.reason = "no-cache"
-        elif outcome.reason is None:
-            outcome.threshold = self.cache.threshold(key, lookup) if key.text else None
-            try:
-                hit, vector = await self.cache.lookup(key, lookup)
-            except CacheError as exc:  # fail open: the cache is an optimisation, never a reason to fail
-                log.warning("cache lookup failed, serving from upstream: %s", exc)
-                hit, outcome.reason = None, "cache-error"
-            if hit is not None:
-                return self._from_cache(kind, hit, request, outcome)
-            if outcome.reason is None:
-                outcome.cache = "MISS"
+        reason = uncacheable_reason(body, self.cache.policy) or ("no-cache" if ctx.directives.no_cache else None)
+        outcome = Outcome(reason=reason)
+        hit, vector = await self._lookup(key, lookup, outcome) if reason is None else (None, None)
+        if hit is not None:
+            return self._from_cache(kind, hit, request, outcome)
         if outcome.cache == "BYPASS":
             self.cache.stats.bypassed += 1
         storable = outcome.reason in (None, "no-cache") and not ctx.directives.no_store
-        store_key = key if storable else None
+        admission = Admission(key if storable else None, vector, options.ttl)
         try:
-            return await self._from_upstream(kind, request, body, ctx, outcome, store_key, vector, options)
+            return await self._from_upstream(kind, request, body, ctx, outcome, admission)
         except ProxyError as exc:  # errors say what the cache did too
             exc.headers = {**outcome.headers(), **exc.headers}
             raise
+
+    async def _lookup(self, key: CacheKey, lookup: Lookup, outcome: Outcome) -> tuple[Hit | None, np.ndarray | None]:
+        outcome.threshold = self.cache.threshold(key, lookup) if key.text else None
+        try:
+            hit, vector = await self.cache.lookup(key, lookup)
+        except CacheError as exc:  # fail open: the cache is an optimisation, never a reason to fail
+            log.warning("cache lookup failed, serving from upstream: %s", exc)
+            outcome.reason = "cache-error"
+            return None, None
+        outcome.cache = "MISS" if hit is None else outcome.cache
+        return hit, vector
 
     def _check_threshold(self, key: CacheKey, lookup: Lookup) -> None:
         configured = self.cache.policy.threshold_for(key.model, key.namespace)
@@ -179,9 +189,7 @@ class CompletionPipeline:
         body: Mapping[str, Any],
         ctx: RequestContext,
         outcome: Outcome,
-        store_key: CacheKey | None,
-        vector: np.ndarray | None,
-        options: CacheOptions,
+        admission: Admission,
     ) -> Reply:
         upstream = self._upstream()
         forwarded = {k: v for k, v in body.items() if k != "cache"}
@@ -189,45 +197,36 @@ class CompletionPipeline:
         if request.stream:
             stack = AsyncExitStack()
             chunks = await stack.enter_async_context(upstream.stream(_PATHS[kind], forwarded, headers))
-            events = self._pass_through(kind, chunks, stack, store_key, vector, options)
-            return Reply(outcome, stream=events)
+            return Reply(outcome, stream=self._pass_through(kind, chunks, stack, admission))
         payload = await cancel_on_disconnect(upstream.post(_PATHS[kind], forwarded, headers), ctx.disconnected)
-        if store_key is not None:
-            entry_id = await self._store(store_key, payload, vector, options)
-            outcome.entry_id = entry_id
+        outcome.entry_id = await self._store(admission, payload)
         return Reply(outcome, body=payload)
 
     async def _pass_through(
-        self,
-        kind: Kind,
-        chunks: AsyncIterator[bytes],
-        stack: AsyncExitStack,
-        store_key: CacheKey | None,
-        vector: np.ndarray | None,
-        options: CacheOptions,
+        self, kind: Kind, chunks: AsyncIterator[bytes], stack: AsyncExitStack, admission: Admission
     ) -> AsyncIterator[bytes]:
         """Relay upstream bytes unchanged; once [DONE] has arrived, store the answer before relaying [DONE].
         A client that goes away cancels this generator, which closes the upstream connection."""
         accumulator = StreamAccumulator(kind)
+        stored = False
         try:
             async for chunk in chunks:
                 accumulator.feed(chunk)
-                if accumulator.complete and store_key is not None:
-                    await self._store(store_key, accumulator.response(), vector, options)
-                    store_key = None
+                if accumulator.complete and not stored:
+                    stored = True
+                    await self._store(admission, accumulator.response())
                 yield chunk
         except ProxyError as exc:
             yield sse_error_event(exc)
         finally:
             await stack.aclose()
 
-    async def _store(
-        self, key: CacheKey, payload: Mapping[str, Any], vector: np.ndarray | None, options: CacheOptions
-    ) -> str | None:
-        if not admissible(payload, self.cache.policy):
+    async def _store(self, admission: Admission, payload: Mapping[str, Any]) -> str | None:
+        if admission.key is None or not admissible(payload, self.cache.policy):
             return None
         try:
-            entry = await self.cache.put(key, payload, vector, tier="upstream", ttl_s=options.ttl)
+            entry = await self.cache.put(admission.key, payload, admission.vector, tier="upstream",
+                                         ttl_s=admission.ttl)  # fmt: skip
         except CacheError as exc:  # an answer we could not store is still a good answer
             log.warning("could not store answer: %s", exc)
             return None
