@@ -54,7 +54,7 @@ lint: install-dev
 
 bench: install-dev
 	$(BIN)/python -m bench.cache_quality --data $(DATA)
-	$(BIN)/python -m bench.latency
+	$(BIN)/python -m bench.latency --data $(DATA)
 
 calibrate: install
 	$(BIN)/cachecade calibrate --pairs $(DATA)/qqp_pairs/pairs.json --max-false-hit 0.02

@@ -20,8 +20,6 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ import httpx
 import numpy as np
 
 from cache.embedder import DEFAULT_EMBEDDER, load_embedder
+from local_models.processes import ServerFailed, free_port, start_llama_server, stop, wait_until_up
 from local_models.registry import smollm2_gguf
 from proxy.config import DEFAULT_THRESHOLD
 
@@ -62,47 +61,13 @@ def say(message: str) -> None:
     print(f"[{time.monotonic() - _T0:6.1f}s] {message}", flush=True)
 
 
-# --- processes (small copies of the e2e helpers; bench code does not import tests/) ---------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchError(f"{process.args} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise BenchError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+# --- processes -------------------------------------------------------------------------------------------
 
 
 def start_upstream(workdir: Path, threads: int) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
     log = workdir / "llama-server.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias", "smollm2",
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)]  # fmt: skip
-    with log.open("w") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    return process, f"http://127.0.0.1:{port}", log
+    process, v1 = start_llama_server(smollm2_gguf(), "smollm2", log, threads=threads, wait=False)
+    return process, v1.removesuffix("/v1"), log
 
 
 def start_proxy(
@@ -594,6 +559,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
-    except BenchError as exc:
+    except (BenchError, ServerFailed) as exc:
         print(f"bench.latency: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

