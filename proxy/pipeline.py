@@ -191,6 +191,8 @@ class CompletionPipeline:
         outcome: Outcome,
         admission: Admission,
     ) -> Reply:
+        if self.upstream is None:
+            outcome.served_by = "none"
         upstream = self._upstream()
         forwarded = {k: v for k, v in body.items() if k != "cache"}
         headers = upstream.headers(ctx.headers)

@@ -96,6 +96,7 @@ async def test_no_upstream_is_503_saying_how_to_configure(make_client) -> None: 
         r = await client.post("/v1/chat/completions", json=chat("hi"))
     error = assert_error(r, 503, None)
     assert "CACHECADE_UPSTREAM_BASE_URL" in error["message"] and error["code"] == "upstream_not_configured"
+    assert r.headers["x-cache"] == "MISS" and r.headers["x-served-by"] == "none"
 
 
 async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
