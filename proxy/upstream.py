@@ -5,7 +5,6 @@ httpx exceptions are translated here, at the boundary, into the proxy's errors.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -121,8 +120,3 @@ async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
         raise UpstreamTimeout("upstream stream timed out") from exc
     except httpx.HTTPError as exc:
         raise UpstreamUnavailable(f"upstream stream broke: {exc}") from exc
-
-
-def dumps(value: Any) -> bytes:
-    """Compact JSON bytes."""
-    return json.dumps(value, separators=(",", ":")).encode()

@@ -168,3 +168,21 @@ async def test_legacy_completions_miss_then_hit(client: httpx.AsyncClient, upstr
     assert hit.headers["x-cache"] == "HIT-EXACT" and hit.json()["choices"][0]["text"] == upstream.answer
     streamed = await client.post("/v1/completions", json={**body, "stream": True})
     assert "".join(e["choices"][0]["text"] for e in sse_events(streamed.text)) == upstream.answer
+
+
+async def test_store_failure_fails_open(make_client, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    from cache.errors import StoreError
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise StoreError("disk gone")
+
+    async with make_client() as client:
+        store = client._transport.app.state.services.cache.store  # type: ignore[attr-defined]
+        store.put = broken
+        stored = await client.post("/v1/chat/completions", json=chat(Q))
+        store.get_exact = broken
+        looked_up = await client.post("/v1/chat/completions", json=chat(Q))
+    assert stored.status_code == 200 and stored.headers["x-cache"] == "MISS"
+    assert "x-cache-entry-id" not in stored.headers
+    assert looked_up.status_code == 200 and looked_up.json()["choices"][0]["message"]["content"] == upstream.answer
+    assert looked_up.headers["x-cache"] == "BYPASS" and looked_up.headers["x-cache-bypass-reason"] == "cache-error"
