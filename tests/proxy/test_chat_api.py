@@ -186,3 +186,10 @@ async def test_store_failure_fails_open(make_client, upstream: FakeUpstream) -> 
     assert "x-cache-entry-id" not in stored.headers
     assert looked_up.status_code == 200 and looked_up.json()["choices"][0]["message"]["content"] == upstream.answer
     assert looked_up.headers["x-cache"] == "BYPASS" and looked_up.headers["x-cache-bypass-reason"] == "cache-error"
+
+
+async def test_sharing_across_tenants_only_when_configured(make_client) -> None:  # type: ignore[no-untyped-def]
+    async with make_client(share_cache_across_tenants=True) as client:
+        await client.post("/v1/chat/completions", json=chat(Q), headers={"authorization": "Bearer key-a"})
+        shared = await client.post("/v1/chat/completions", json=chat(Q), headers={"authorization": "Bearer key-b"})
+    assert shared.headers["x-cache"] == "HIT-EXACT"
