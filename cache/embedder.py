@@ -47,13 +47,14 @@ class Embedder(Protocol):
 
     model_id: str  # vectors of different ids must never be compared (the index is per embedder)
     dim: int
+    max_tokens: int  # longer texts are truncated by the model, so their vectors describe only their start
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts as an (n, dim) float32 array of unit vectors."""
         ...
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text as the embedder sees them."""
+        """Tokens per text before truncation."""
         ...
 
 
@@ -64,6 +65,7 @@ class TorchEmbedder:
         self.model = model
         self.model_id = model_id
         self.dim = int(model.get_embedding_dimension())
+        self.max_tokens = int(model.max_seq_length)
 
     @classmethod
     def load(cls, name: str = DEFAULT_EMBEDDER, device: str = "cpu") -> TorchEmbedder:
@@ -122,7 +124,7 @@ class AsyncEmbedder:
         self.embedder = embedder
         self.max_batch = max_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
-        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._pending: list[tuple[str, asyncio.Future[np.ndarray | None]]] = []
         self._draining = False
 
     @property
@@ -133,9 +135,10 @@ class AsyncEmbedder:
     def model_id(self) -> str:
         return self.embedder.model_id
 
-    async def embed(self, text: str) -> np.ndarray:
-        """One unit vector for one text."""
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+    async def embed(self, text: str) -> np.ndarray | None:
+        """One unit vector for one text; None when the text is longer than the model reads (its vector would
+        describe only its start, so two long texts that differ only at the end would look identical)."""
+        future: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
         self._pending.append((text, future))
         if not self._draining:
             self._draining = True
@@ -151,13 +154,18 @@ class AsyncEmbedder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.embedder.count_tokens, list(texts))
 
+    def _encode_fitting(self, texts: list[str]) -> list[np.ndarray | None]:
+        fits = [n <= self.embedder.max_tokens for n in self.embedder.count_tokens(texts)]
+        vectors = iter(self.embedder.encode([t for t, ok in zip(texts, fits, strict=True) if ok]))
+        return [next(vectors) if ok else None for ok in fits]
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 try:
-                    vectors = await loop.run_in_executor(self._executor, self.embedder.encode, [t for t, _ in batch])
+                    vectors = await loop.run_in_executor(self._executor, self._encode_fitting, [t for t, _ in batch])
                 except Exception as exc:
                     error = EmbedderError(f"embedding failed: {exc}")
                     for _, fut in batch:

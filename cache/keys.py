@@ -53,7 +53,8 @@ def _normalise(value: Any) -> Any:
 
 
 def _digest(*parts: Any) -> str:
-    return hashlib.sha256(canonical_json(list(parts)).encode()).hexdigest()
+    # surrogatepass: a lone surrogate ("\ud800") is valid JSON and must key, not crash.
+    return hashlib.sha256(canonical_json(list(parts)).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def content_text(content: Any) -> str | None:

@@ -98,6 +98,7 @@ class OnnxEmbedder:
         self.tokenizer.no_padding()  # padding per batch in _run, to the batch's longest text
         self.tokenizer.enable_truncation(max_length)
         self.batch_size = 32
+        self.max_tokens = max_length
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
@@ -150,4 +151,6 @@ class OnnxEmbedder:
         return np.asarray(pooled / norms, dtype=np.float32)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [sum(e.attention_mask) for e in self.tokenizer.encode_batch(list(texts))]
+        # Truncation is on, so the tokens cut off are in `overflowing` (stride 0: no overlap).
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return [len(e.ids) + sum(len(o.ids) for o in e.overflowing) for e in encodings]

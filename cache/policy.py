@@ -52,8 +52,8 @@ def uncacheable_reason(body: Mapping[str, Any], policy: CachePolicy) -> str | No
         return "tools"
     if body.get("functions") and not policy.cache_tool_calls:
         return "tools"
-    if body.get("logprobs") or body.get("echo"):
-        return "logprobs"
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") or body.get("echo"):
+        return "logprobs"  # 0 on /v1/completions still asks for token logprobs
     return None
 
 

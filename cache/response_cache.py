@@ -46,6 +46,7 @@ class CacheStats:
     evicted: int = 0
     expired: int = 0
     stale_index_ids: int = 0  # ids the index had but the store did not (dropped on sight)
+    too_long_for_semantic: int = 0  # lookups whose text is longer than the embedder reads
     tokens_saved: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -56,8 +57,10 @@ class CacheStats:
 
 
 def _usage(response: Mapping[str, Any]) -> tuple[int, int]:
+    """(prompt, completion) tokens as the upstream reported them; completion -1 when it reported none."""
     usage = response.get("usage") or {}
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    completion = usage.get("completion_tokens")
+    return int(usage.get("prompt_tokens") or 0), int(completion) if isinstance(completion, int) else -1
 
 
 class ResponseCache:
@@ -112,7 +115,8 @@ class ResponseCache:
             return False
         if request.max_age is not None and entry.age(now) > request.max_age:
             return False
-        return request.max_tokens is None or entry.completion_tokens <= request.max_tokens
+        # An answer of unknown length is served only to callers without a limit.
+        return request.max_tokens is None or 0 <= entry.completion_tokens <= request.max_tokens
 
     async def lookup(self, key: CacheKey, request: Lookup) -> tuple[Hit | None, np.ndarray | None]:
         """Find a servable entry. Returns the hit (or None) and the query vector (reused when storing)."""
@@ -121,12 +125,15 @@ class ResponseCache:
         vector = None
         if hit is None and self.policy.semantic_enabled and key.text is not None and self.embedder:
             vector = await self.embedder.embed(key.text)
-            hit = await self._lookup_semantic(key, request, vector, now)
+            if vector is None:
+                self.stats.too_long_for_semantic += 1  # served by the exact tier only
+            else:
+                hit = await self._lookup_semantic(key, request, vector, now)
         if hit is None:
             self.stats.misses += 1
             return None, vector
         self._last_used[hit.entry.vid] = now  # written in batches by flush_uses(), off the hit path
-        self.stats.tokens_saved += hit.entry.prompt_tokens + hit.entry.completion_tokens
+        self.stats.tokens_saved += hit.entry.prompt_tokens + max(0, hit.entry.completion_tokens)
         if hit.tier == "exact":
             self.stats.hits_exact += 1
         else:
@@ -163,7 +170,7 @@ class ResponseCache:
     ) -> Entry:
         """Store an admitted answer; the index follows the store (replacements and evictions included)."""
         now = self.clock()
-        ttl = ttl_s if ttl_s is not None else self.policy.ttl_s
+        ttl = self.policy.ttl_s if ttl_s is None else min(ttl_s, self.policy.ttl_s or ttl_s)  # a request only shortens
         if vector is None and key.text is not None and self.embedder is not None:
             vector = await self.embedder.embed(key.text)
         prompt_tokens, completion_tokens = _usage(response)

@@ -97,7 +97,7 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, ValueError) as exc:  # ValueError: NaN in an answer, not storable
             raise StoreError(f"embedded store at {self._path}: {exc}") from exc
 
     @property
@@ -116,8 +116,8 @@ class SQLiteStore:
             db.execute(
                 f"INSERT INTO entries ({_COLUMNS}, last_access) VALUES ({','.join('?' * 17)})",
                 (e.vid, e.tenant, e.namespace, e.kind, e.model, e.partition, e.exact_key,
-                 json.dumps(e.response), e.tier, e.created_at, e.expires_at, e.text, vector, e.embedder_id,
-                 e.prompt_tokens, e.completion_tokens, e.created_at),
+                 json.dumps(e.response, allow_nan=False), e.tier, e.created_at, e.expires_at, e.text, vector,
+                 e.embedder_id, e.prompt_tokens, e.completion_tokens, e.created_at),
             )  # fmt: skip
             evicted = self._evict(max_entries, keep=e.vid) if max_entries is not None else []
         return PutResult(replaced, evicted)

@@ -30,5 +30,5 @@ async def readyz(request: Request) -> JSONResponse:
         "status": "ready",
         "embedder": svc.embedder.model_id,
         "indexed_vectors": len(svc.cache.index),
-        "upstream": svc.upstream.base_url if svc.upstream else None,
+        "upstream_configured": svc.upstream is not None,  # not the URL: it may hold credentials or internal names
     })  # fmt: skip

@@ -36,6 +36,8 @@ async def parse_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any
         body = json.loads(raw)
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     try:
@@ -66,7 +68,15 @@ def render(reply: Reply) -> Response:
     if reply.stream is not None:
         headers["cache-control"] = "no-cache"
         return StreamingResponse(reply.stream, media_type="text/event-stream", headers=headers)
-    return JSONResponse(reply.body, headers=headers)
+    return UpstreamJSON(reply.body, headers=headers)
+
+
+class UpstreamJSON(JSONResponse):
+    """JSON as the upstream sent it: some servers put NaN or Infinity in logprobs, which Python parses, so
+    refusing to write them back would turn a good answer into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=True, separators=(",", ":")).encode()
 
 
 async def _generate(request: Request, kind: Kind, model: type[ChatCompletionRequest | CompletionRequest]) -> Response:

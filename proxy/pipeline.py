@@ -138,7 +138,8 @@ class CompletionPipeline:
             raise
 
     async def _lookup(self, key: CacheKey, lookup: Lookup, outcome: Outcome) -> tuple[Hit | None, np.ndarray | None]:
-        outcome.threshold = self.cache.threshold(key, lookup) if key.text else None
+        semantic = key.text is not None and self.cache.policy.semantic_enabled
+        outcome.threshold = self.cache.threshold(key, lookup) if semantic else None
         try:
             hit, vector = await self.cache.lookup(key, lookup)
         except CacheError as exc:  # fail open: the cache is an optimisation, never a reason to fail
@@ -213,10 +214,15 @@ class CompletionPipeline:
         stored = False
         try:
             async for chunk in chunks:
-                accumulator.feed(chunk)
-                if accumulator.complete and not stored:
+                answer = None
+                try:
+                    accumulator.feed(chunk)
+                    answer = accumulator.response() if accumulator.complete and not stored else None
+                except Exception:  # an odd event must never break bytes we relay unchanged; just don't store
+                    accumulator.failed = True
+                if answer is not None:
                     stored = True
-                    await self._store(admission, accumulator.response())
+                    await self._store(admission, answer)
                 yield chunk
         except ProxyError as exc:
             yield sse_error_event(exc)
@@ -227,8 +233,10 @@ class CompletionPipeline:
         if admission.key is None or not admissible(payload, self.cache.policy):
             return None
         try:
-            entry = await self.cache.put(admission.key, payload, admission.vector, tier="upstream",
-                                         ttl_s=admission.ttl)  # fmt: skip
+            # Shielded: a client leaving mid-write must not leave the store and the index out of step.
+            entry = await asyncio.shield(
+                self.cache.put(admission.key, payload, admission.vector, tier="upstream", ttl_s=admission.ttl)
+            )
         except CacheError as exc:  # an answer we could not store is still a good answer
             log.warning("could not store answer: %s", exc)
             return None

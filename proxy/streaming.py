@@ -11,6 +11,7 @@ from typing import Any
 
 DONE = b"data: [DONE]\n\n"
 _WORD_BOUNDARY = re.compile(r"(?<=\s)(?=\S)")
+_KNOWN_DELTA = frozenset({"role", "content", "reasoning_content", "refusal", "tool_calls"})
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:
@@ -35,10 +36,13 @@ def replay_chat(response: Mapping[str, Any], include_usage: bool) -> Iterator[by
     choice = response["choices"][0]
     message = choice.get("message") or {}
     yield _chat_chunk(head, {"role": message.get("role", "assistant"), "content": ""})
-    for key in ("reasoning_content", "content"):
+    for key in ("reasoning_content", "content", "refusal"):
         if isinstance(message.get(key), str):
             for piece in pieces(message[key]):
                 yield _chat_chunk(head, {key: piece})
+    extra = {k: v for k, v in message.items() if k not in _KNOWN_DELTA and v is not None}
+    if extra:  # fields we do not split (audio, annotations, ...) travel whole in one chunk
+        yield _chat_chunk(head, extra)
     for index, call in enumerate(message.get("tool_calls") or []):
         yield _chat_chunk(head, {"tool_calls": [{"index": index, **call}]})
     yield _chat_chunk(head, {}, choice.get("finish_reason", "stop"))
@@ -69,10 +73,10 @@ class _Choice:
     role: str = "assistant"
     content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
-    chunks: int = 0
 
 
 class StreamAccumulator:
@@ -130,8 +134,7 @@ class StreamAccumulator:
         if event.get("usage"):
             self.usage = event["usage"]
         for raw in event.get("choices") or []:
-            choice = self.choices.setdefault(int(raw.get("index", 0)), _Choice())
-            choice.chunks += 1
+            choice = self.choices.setdefault(int(raw.get("index") or 0), _Choice())
             if raw.get("finish_reason"):
                 choice.finish_reason = raw["finish_reason"]
             if self.kind == "completion":
@@ -139,16 +142,20 @@ class StreamAccumulator:
             else:
                 self._take_delta(choice, raw.get("delta") or {})
 
-    @staticmethod
-    def _take_delta(choice: _Choice, delta: Mapping[str, Any]) -> None:
+    def _take_delta(self, choice: _Choice, delta: Mapping[str, Any]) -> None:
+        if any(delta.get(k) for k in delta if k not in _KNOWN_DELTA):
+            self.failed = True  # audio, annotations, ...: we could not reproduce it, so it is never stored
         if delta.get("role"):
             choice.role = delta["role"]
-        if delta.get("content"):
-            choice.content.append(delta["content"])
-        if delta.get("reasoning_content"):
-            choice.reasoning.append(delta["reasoning_content"])
-        for call in delta.get("tool_calls") or []:
-            slot = choice.tool_calls.setdefault(int(call.get("index", 0)), {"function": {}})
+        for key, parts in (("content", choice.content), ("reasoning_content", choice.reasoning),
+                           ("refusal", choice.refusal)):  # fmt: skip
+            value = delta.get(key)
+            if isinstance(value, str):
+                parts.append(value)
+            elif value is not None:
+                self.failed = True
+        for position, call in enumerate(delta.get("tool_calls") or []):
+            slot = choice.tool_calls.setdefault(int(call.get("index", position)), {"function": {}})
             for key in ("id", "type"):
                 if call.get(key):
                     slot[key] = call[key]
@@ -162,10 +169,8 @@ class StreamAccumulator:
         obj = "text_completion" if self.kind == "completion" else "chat.completion"
         choices = [self._render(i, c) for i, c in sorted(self.choices.items())]
         out: dict[str, Any] = {**self.head, "object": obj, "choices": choices}
-        completion_tokens = sum(c.chunks for c in self.choices.values())
-        # Without a reported usage, one content chunk is about one token (an estimate, marked as such).
-        out["usage"] = self.usage or {"prompt_tokens": 0, "completion_tokens": completion_tokens,
-                                      "total_tokens": completion_tokens, "estimated": True}  # fmt: skip
+        if self.usage:  # without one, none is made up: the entry's length is then unknown
+            out["usage"] = self.usage
         return out
 
     def _render(self, index: int, c: _Choice) -> dict[str, Any]:
@@ -174,6 +179,8 @@ class StreamAccumulator:
         message: dict[str, Any] = {"role": c.role, "content": "".join(c.content) if c.content else None}
         if c.reasoning:
             message["reasoning_content"] = "".join(c.reasoning)
+        if c.refusal:
+            message["refusal"] = "".join(c.refusal)
         if c.tool_calls:
             message["tool_calls"] = [c.tool_calls[i] for i in sorted(c.tool_calls)]
         elif message["content"] is None:

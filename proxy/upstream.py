@@ -5,6 +5,7 @@ httpx exceptions are translated here, at the boundary, into the proxy's errors.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,16 +65,19 @@ class Upstream:
     async def post(self, path: str, body: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, Any]:
         """POST JSON and return the JSON answer; an upstream error keeps its status."""
         try:
-            response = await self.client.post(self._url(path), json=body, headers=dict(headers))
+            response = await self.client.post(self._url(path), content=_json(body), headers=_json_headers(headers))
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"upstream unreachable at {self.base_url}: {exc}") from exc
+            raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from exc
         if response.status_code >= 400:
             raise UpstreamError(response.status_code, _payload(response))
-        payload = _payload(response)
+        try:
+            payload = response.json() if response.status_code < 300 else None
+        except ValueError:
+            payload = None
         if not isinstance(payload, dict):
-            raise UpstreamUnavailable("upstream answered with something other than a JSON object")
+            raise UpstreamUnavailable(f"upstream answered HTTP {response.status_code} without a JSON object")
         return payload
 
     async def get(self, path: str, headers: Mapping[str, str]) -> dict[str, Any]:
@@ -81,7 +85,7 @@ class Upstream:
         try:
             response = await self.client.get(self._url(path), headers=dict(headers))
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"upstream unreachable at {self.base_url}: {exc}") from exc
+            raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from exc
         if response.status_code >= 400:
             raise UpstreamError(response.status_code, _payload(response))
         payload = _payload(response)
@@ -93,16 +97,21 @@ class Upstream:
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         """Open a streamed POST. Errors before the first byte raise (status kept); closing the context closes
         the upstream connection, which is how a client disconnect cancels the upstream request."""
-        request = self.client.build_request("POST", self._url(path), json=body, headers=dict(headers))
+        request = self.client.build_request(
+            "POST", self._url(path), content=_json(body), headers=_json_headers(headers)
+        )
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"upstream unreachable at {self.base_url}: {exc}") from exc
+            raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from exc
         try:
             if response.status_code >= 400:
-                await response.aread()
+                try:
+                    await response.aread()
+                except httpx.HTTPError as exc:
+                    raise UpstreamUnavailable(f"upstream broke while sending HTTP {response.status_code}") from exc
                 raise UpstreamError(response.status_code, _payload(response))
             yield _body(response)
         finally:
@@ -119,4 +128,13 @@ async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
     except httpx.TimeoutException as exc:
         raise UpstreamTimeout("upstream stream timed out") from exc
     except httpx.HTTPError as exc:
-        raise UpstreamUnavailable(f"upstream stream broke: {exc}") from exc
+        raise UpstreamUnavailable(f"upstream stream broke: {type(exc).__name__}") from exc
+
+
+def _json(body: Mapping[str, Any]) -> bytes:
+    """ASCII JSON: a lone surrogate a client sent stays an escape instead of failing to encode as UTF-8."""
+    return json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
+
+
+def _json_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {**headers, "content-type": "application/json"}

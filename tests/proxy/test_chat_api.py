@@ -136,8 +136,7 @@ async def test_stream_miss_passes_through_then_replays(client: httpx.AsyncClient
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
     assert text == upstream.answer
     assert len(events) > 4, "replayed as word-sized chunks, not one blob"
-    assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    assert events[-1]["choices"] == [] and "usage" in events[-1]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"  # the upstream streamed no usage: none made up
     plain = await client.post("/v1/chat/completions", json=chat(Q))
     assert plain.headers["x-cache"] == "HIT-EXACT"
     assert plain.json()["choices"][0]["message"]["content"] == upstream.answer
@@ -159,6 +158,11 @@ async def test_nonstream_answer_replays_as_stream(client: httpx.AsyncClient) -> 
     events = sse_events(hit.text)
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert "usage" not in events[-1]
+    with_usage = await client.post(
+        "/v1/chat/completions", json=chat(Q, stream=True, stream_options={"include_usage": True})
+    )
+    last = sse_events(with_usage.text)[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 7
 
 
 async def test_legacy_completions_miss_then_hit(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
@@ -193,3 +197,50 @@ async def test_sharing_across_tenants_only_when_configured(make_client) -> None:
         await client.post("/v1/chat/completions", json=chat(Q), headers={"authorization": "Bearer key-a"})
         shared = await client.post("/v1/chat/completions", json=chat(Q), headers={"authorization": "Bearer key-b"})
     assert shared.headers["x-cache"] == "HIT-EXACT"
+
+
+async def test_streamed_answer_of_unknown_length_is_not_served_under_a_token_limit(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    await client.post("/v1/chat/completions", json=chat(Q, stream=True))  # the fake streams no usage
+    limited = await client.post("/v1/chat/completions", json=chat(Q, max_tokens=10))
+    assert limited.headers["x-cache"] == "MISS"
+    unlimited = await client.post("/v1/chat/completions", json=chat(Q, stream=True))
+    assert unlimited.headers["x-cache"] == "HIT-EXACT"
+
+
+async def test_long_prompts_differing_at_the_end_never_share_a_semantic_hit(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    document = "The quick brown fox jumps over the lazy dog. " * 80  # far past the embedder's 256 tokens
+    await client.post("/v1/chat/completions", json=chat(document + "Translate this into French."))
+    other = await client.post("/v1/chat/completions", json=chat(document + "How many sentences are there?"))
+    assert other.headers["x-cache"] == "MISS"
+    same = await client.post("/v1/chat/completions", json=chat(document + "Translate this into French."))
+    assert same.headers["x-cache"] == "HIT-EXACT"
+    assert len(upstream.requests) == 2
+
+
+async def test_odd_upstream_answers(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    upstream.handler = lambda request: httpx.Response(200, text="<html>login</html>")
+    html = await client.post("/v1/chat/completions", json=chat("a"))
+    assert html.status_code == 502 and html.json()["error"]["code"] == "upstream_unavailable"
+    nan = b'{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"x"},' \
+          b'"finish_reason":"stop","logprobs":{"content":[{"token":"x","logprob":-Infinity}]}}]}'  # fmt: skip
+    upstream.handler = lambda request: httpx.Response(200, content=nan, headers={"content-type": "application/json"})
+    for _ in range(2):
+        r = await client.post("/v1/chat/completions", json=chat("b"))
+        assert r.status_code == 200 and r.headers["x-cache"] == "MISS" and b"-Infinity" in r.content
+    odd = b'data: {"choices":[{"index":null,"delta":{"content":7}}]}\n\ndata: [DONE]\n\n'
+    upstream.handler = lambda request: httpx.Response(200, content=odd, headers={"content-type": "text/event-stream"})
+    relayed = await client.post("/v1/chat/completions", json=chat("c", stream=True))
+    assert relayed.status_code == 200 and relayed.content == odd
+
+
+async def test_lone_surrogate_and_deep_nesting_are_not_500(client: httpx.AsyncClient) -> None:
+    surrogate = b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}'
+    ok = await client.post("/v1/chat/completions", content=surrogate, headers={"content-type": "application/json"})
+    assert ok.status_code == 200
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = await client.post("/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400
