@@ -57,6 +57,11 @@ class Embedder(Protocol):
         """Tokens per text before truncation."""
         ...
 
+    def encode_fitting(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Vectors for the texts the model reads whole; None for longer ones (their vector would describe only
+        their start, so two long texts that differ only at the end would look identical)."""
+        ...
+
 
 class TorchEmbedder:
     """sentence-transformers on torch: the reference implementation, and the source of the ONNX export."""
@@ -89,6 +94,11 @@ class TorchEmbedder:
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(self.model.tokenizer.encode(t)) for t in texts]
+
+    def encode_fitting(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        fits = [n <= self.max_tokens for n in self.count_tokens(texts)]
+        vectors = iter(self.encode([t for t, ok in zip(texts, fits, strict=True) if ok]))
+        return [next(vectors) if ok else None for ok in fits]
 
 
 def embedder_id(name: str) -> str:
@@ -136,8 +146,7 @@ class AsyncEmbedder:
         return self.embedder.model_id
 
     async def embed(self, text: str) -> np.ndarray | None:
-        """One unit vector for one text; None when the text is longer than the model reads (its vector would
-        describe only its start, so two long texts that differ only at the end would look identical)."""
+        """One unit vector for one text; None when the text is longer than the model reads."""
         future: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
         self._pending.append((text, future))
         if not self._draining:
@@ -154,18 +163,15 @@ class AsyncEmbedder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.embedder.count_tokens, list(texts))
 
-    def _encode_fitting(self, texts: list[str]) -> list[np.ndarray | None]:
-        fits = [n <= self.embedder.max_tokens for n in self.embedder.count_tokens(texts)]
-        vectors = iter(self.embedder.encode([t for t, ok in zip(texts, fits, strict=True) if ok]))
-        return [next(vectors) if ok else None for ok in fits]
-
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 try:
-                    vectors = await loop.run_in_executor(self._executor, self._encode_fitting, [t for t, _ in batch])
+                    vectors = await loop.run_in_executor(
+                        self._executor, self.embedder.encode_fitting, [t for t, _ in batch]
+                    )
                 except Exception as exc:
                     error = EmbedderError(f"embedding failed: {exc}")
                     for _, fut in batch:

@@ -125,12 +125,20 @@ class OnnxEmbedder:
             raise EmbedderError(f"could not load the ONNX embedder for {name}: {exc}") from exc
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
+        return self._encode(self.tokenizer.encode_batch(list(texts)))
+
+    def encode_fitting(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        encodings = self.tokenizer.encode_batch(list(texts))  # one tokenization serves the check and the model
+        fits = [not e.overflowing for e in encodings]
+        vectors = iter(self._encode([e for e, ok in zip(encodings, fits, strict=True) if ok]))
+        return [next(vectors) if ok else None for ok in fits]
+
+    def _encode(self, encodings: list[Any]) -> np.ndarray:
+        out = np.zeros((len(encodings), self.dim), dtype=np.float32)
+        if not encodings:
             return out
-        encodings = self.tokenizer.encode_batch(list(texts))
         # Batches of similar length waste little on padding; the order is restored on the way out.
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             out[rows] = self._run([encodings[i] for i in rows])

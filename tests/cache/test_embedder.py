@@ -50,3 +50,10 @@ def test_unknown_embedder_and_backend_are_clear_errors(tmp_path: Path) -> None:
         resolve_embedder_path("some-hub/model-name")
     with pytest.raises(EmbedderError, match="unknown embedder backend"):
         load_embedder("all-MiniLM-L6-v2", "tensorrt", tmp_path)
+
+
+def test_texts_longer_than_the_model_reads_get_no_vector(embedder) -> None:  # type: ignore[no-untyped-def]
+    long_text = "word " * (embedder.max_tokens + 10)
+    short, long = embedder.encode_fitting(["hello world", long_text])
+    assert long is None and np.allclose(short, embedder.encode(["hello world"])[0], atol=1e-6)
+    assert embedder.count_tokens([long_text])[0] > embedder.max_tokens
