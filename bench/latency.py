@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -33,13 +32,13 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.common import RESULTS, machine, percentile
 from cache.embedder import DEFAULT_EMBEDDER, load_embedder
 from local_models.processes import ServerFailed, free_port, start_llama_server, stop, wait_until_up
 from local_models.registry import smollm2_gguf
 from proxy.config import DEFAULT_THRESHOLD
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_CACHE = Path.home() / ".cache" / "cachecade"
 API_KEY = "sk-cachecade-bench-latency"  # one key for every request: one tenant
 GENERATION = {"model": "smollm2", "temperature": 0, "max_tokens": 16, "stop": [" ", "\n"]}
@@ -204,13 +203,6 @@ async def send(client: httpx.AsyncClient, base: str, text: str, headers: dict[st
     )  # fmt: skip
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
-
-
 def summary(samples: list[Sample], wall_s: float, concurrency: int) -> dict[str, Any]:
     ms = [s.ms for s in samples]
     similarities = [s.similarity for s in samples if s.similarity is not None and s.cache == "HIT-SEMANTIC"]
@@ -354,7 +346,7 @@ def render(report: dict[str, Any]) -> str:
     f = report["figures"]
     lines = [
         f"cachecade latency  ({report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
-        f"Python {report['python']}; 1-min load {report['machine']['load_average_1m_before']} before, "
+        f"Python {report['machine']['python']}; 1-min load {report['machine']['load_average_1m_before']} before, "
         f"{report['machine']['load_average_1m_after']} after)",
         f"dataset {report['dataset']['file']}: {report['dataset']['pairs_used']} paraphrase pairs "
         f"(cosine in [{report['threshold']}, {MAX_SIMILAR}), mean {report['dataset']['pair_cosine_mean']}), "
@@ -519,14 +511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "benchmark": "latency",
         "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "processor": platform.processor(),
+            **machine(),
             # other work on the machine skews every figure; the 1-minute load before and after measuring
             "load_average_1m_before": round(load_before[0], 2),
             "load_average_1m_after": round(load_after[0], 2),
         },
-        "python": sys.version.split()[0],
         "dataset": {
             "file": str(dataset),
             "pairs_used": len(queries.pairs),

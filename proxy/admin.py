@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from cache.policy import CachePolicy
 from cache.store import vid_from_id
 from proxy.errors import InvalidRequest, NotFound, Unauthorized, from_validation
-from proxy.openai_api import parse_body, services
+from proxy.openai_api import parse_body, read_json, services
 from proxy.services import Services
 
 log = logging.getLogger("cachecade.admin")
@@ -46,7 +46,7 @@ async def get_config(svc: Admin) -> dict[str, Any]:
 @router.patch("/config")
 async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any policy fields (the rest stay); takes effect at once, and is logged."""
-    _, body = await parse_body(request, _AnyObject)
+    body = await read_json(request)
     before = svc.cache.policy.model_dump()
     try:
         policy = CachePolicy.model_validate({**before, **body})
@@ -56,10 +56,6 @@ async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     changed = {k: v for k, v in policy.model_dump().items() if before.get(k) != v}
     log.info("admin changed cache policy: %s", changed)
     return policy.model_dump()
-
-
-class _AnyObject(BaseModel):
-    model_config = {"extra": "allow"}
 
 
 @router.get("/stats")

@@ -29,8 +29,8 @@ def services(request: Request) -> Services:
     return svc
 
 
-async def parse_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any]]:
-    """The JSON body, validated; errors are 400s that name the parameter."""
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; anything else is a 400."""
     raw = await request.body()
     try:
         body = json.loads(raw)
@@ -40,6 +40,12 @@ async def parse_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any
         raise InvalidRequest("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def parse_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any]]:
+    """The JSON body, validated; errors are 400s that name the parameter."""
+    body = await read_json(request)
     try:
         return model.model_validate(body), body
     except ValidationError as exc:
