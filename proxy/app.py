@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import httpx
@@ -16,7 +16,10 @@ from cache.embedder import AsyncEmbedder, Embedder, load_embedder
 from cache.index import VectorIndex
 from cache.response_cache import ResponseCache
 from cache.sqlite_store import SQLiteStore
+from local_models.engine import LlamaEngine
+from local_models.worker import ModelWorker
 from proxy import admin, health, openai_api
+from proxy.cascade import Cascade
 from proxy.config import Settings
 from proxy.context import RequestIdMiddleware
 from proxy.errors import install_error_handlers
@@ -34,13 +37,15 @@ def create_app(
     *,
     embedder: Embedder | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
+    engines: Mapping[str, LlamaEngine] | None = None,
 ) -> FastAPI:
-    """Build the app. `embedder` and `upstream_transport` are seams for tests (a preloaded model, a mock)."""
+    """Build the app. `embedder`, `upstream_transport` and `engines` are seams for tests (preloaded models, a
+    mock upstream)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await _start(settings, embedder, upstream_transport)
+        services = await _start(settings, embedder, upstream_transport, engines)
         app.state.services = services
         upkeep = asyncio.create_task(_upkeep(services.cache))
         try:
@@ -60,7 +65,25 @@ def create_app(
     return app
 
 
-async def _start(settings: Settings, embedder: Embedder | None, transport: httpx.AsyncBaseTransport | None) -> Services:
+async def _load_engines(settings: Settings, given: Mapping[str, LlamaEngine] | None) -> dict[str, ModelWorker]:
+    """Load the local models that some route uses (off the event loop), each behind its worker."""
+    workers = {}
+    for name in settings.used_local_models():
+        config = settings.local_models[name]
+        engine = given[name] if given and name in given else None
+        if engine is None:
+            engine = await asyncio.to_thread(LlamaEngine.load, name, config, settings.model_cache_dir)
+        workers[name] = ModelWorker(engine, config.max_queue)
+        log.info("local model %s: %s (%s prompt)", name, engine.path.name, config.prompt)
+    return workers
+
+
+async def _start(
+    settings: Settings,
+    embedder: Embedder | None,
+    transport: httpx.AsyncBaseTransport | None,
+    engines: Mapping[str, LlamaEngine] | None,
+) -> Services:
     model = embedder
     if model is None:
         model = await asyncio.to_thread(
@@ -83,10 +106,12 @@ async def _start(settings: Settings, embedder: Embedder | None, transport: httpx
         )  # fmt: skip
         log.info("upstream: %s", upstream.base_url)
     else:
-        log.warning("no upstream configured (CACHECADE_UPSTREAM_BASE_URL): cache misses answer 503")
+        log.warning("no upstream configured (CACHECADE_UPSTREAM_BASE_URL): misses are answered by local models")
+    cascade = Cascade(await _load_engines(settings, engines), settings.cascade_policy())
     if settings.admin_token is None:
         log.info("admin API disabled: set CACHECADE_ADMIN_TOKEN to enable /admin")
-    return Services(settings, async_embedder, cache, upstream, CompletionPipeline(cache, upstream))
+    pipeline = CompletionPipeline(cache, upstream, cascade)
+    return Services(settings, async_embedder, cache, upstream, pipeline, cascade)
 
 
 async def _stop(services: Services) -> None:
@@ -95,6 +120,8 @@ async def _stop(services: Services) -> None:
         await services.upstream.aclose()
     await services.cache.store.close()
     services.embedder.close()
+    for worker in services.cascade.workers.values():
+        worker.close()
 
 
 async def _upkeep(cache: ResponseCache) -> None:

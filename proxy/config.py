@@ -18,6 +18,8 @@ from pydantic_settings import (
 )
 
 from cache.policy import CachePolicy
+from local_models.cascade import DEFAULT_ROUTE, DEFAULT_THRESHOLDS, UPSTREAM, CascadePolicy
+from local_models.registry import LocalModelConfig, ModelNotFound, default_local_models
 
 # The shipped default threshold, chosen with `cachecade calibrate` on QQP (docs/calibration.md).
 DEFAULT_THRESHOLD = 0.95
@@ -59,8 +61,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="shared Redis store (arrives with the Redis issue)")
 
     embedder: str = Field("all-MiniLM-L6-v2", description="packaged embedder name or local model directory")
-    embedder_backend: Literal["onnx", "torch"] = Field(
-        "onnx", description="onnx: same weights on ONNX Runtime, ~4x faster here; torch: sentence-transformers"
+    embedder_backend: Literal["onnx", "onnx-int8", "torch"] = Field(
+        "onnx",
+        description="onnx: same weights on ONNX Runtime, ~4x faster here; onnx-int8: those weights quantised to "
+        "int8, ~2x faster again, slightly different vectors (own cache index; docs/compression.md); torch: "
+        "sentence-transformers",
     )
     embedder_threads: int = Field(
         2, ge=1, le=64, description="threads for one embedding (onnx backend); 2 is fastest on a 2-core sidecar"
@@ -79,6 +84,28 @@ class Settings(BaseSettings):
     cache_max_entries: int | None = Field(100_000, ge=1, description="LRU eviction past this many entries")
     cache_max_temperature: float = Field(1.0, ge=0.0, le=2.0, description="requests above are not cached")
     cache_tool_calls: bool = Field(False, description="cache answers to requests that offer tools")
+
+    local_models: dict[str, LocalModelConfig] = Field(
+        default_factory=default_local_models,
+        description='local GGUF models by name: {"name": {"path": "smollm2" | "gemma3" | "/x.gguf", "prompt": '
+        '"chat" | "few-shot", "n_ctx", "threads", "max_queue"}}',
+    )
+    cascade_routes: dict[str, list[str]] = Field(
+        default_factory=lambda: {DEFAULT_ROUTE: ["smollm2", "gemma3", UPSTREAM]},
+        description="requested model -> tiers (local model names, 'upstream', 'upstream:<model>')",
+    )
+    cascade_thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_THRESHOLDS), description="per local model: gate score in [0, 1]"
+    )
+    cascade_min_token_prob: dict[str, float] = Field(default_factory=dict, description="per local model, [0, 1]")
+    cascade_samples: dict[str, int] = Field(default_factory=dict, description="per local model: self-consistency k")
+    cascade_upstream_model: str | None = Field(None, description="model a plain 'upstream' tier sends upstream")
+    cascade_cache_local_answers: bool = Field(True, description="store local answers that passed the gate")
+    cascade_local_without_upstream: bool = Field(
+        True, description="with no upstream configured, answer every model through the default route"
+    )
+    cascade_default_route: str = DEFAULT_ROUTE
+    local_max_tokens: int = Field(256, ge=1, le=32768, description="local answer cap when the client sets none")
 
     @field_validator("admin_token")
     @classmethod
@@ -100,7 +127,33 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _valid_policy(self) -> Settings:
         self.cache_policy()  # validates the per-model / per-namespace thresholds
+        self.cascade_policy().check_models(self.local_models)
+        for name in self.used_local_models():
+            try:
+                self.local_models[name].check()
+            except ModelNotFound as exc:
+                raise ValueError(f"local_models[{name!r}]: {exc}") from None
         return self
+
+    def cascade_policy(self) -> CascadePolicy:
+        """The initial run-time cascade policy."""
+        return CascadePolicy(
+            routes=self.cascade_routes,
+            thresholds=self.cascade_thresholds,
+            min_token_prob=self.cascade_min_token_prob,
+            samples=self.cascade_samples,
+            upstream_model=self.cascade_upstream_model,
+            cache_local_answers=self.cascade_cache_local_answers,
+            local_without_upstream=self.cascade_local_without_upstream,
+            default_route=self.cascade_default_route,
+            max_tokens=self.local_max_tokens,
+        )
+
+    def used_local_models(self) -> list[str]:
+        """The local models some route (or the embedded default) needs: only these are loaded."""
+        policy = self.cascade_policy()
+        names = policy.local_names()
+        return [n for n in self.local_models if n in names]
 
     def cache_policy(self) -> CachePolicy:
         """The initial run-time cache policy."""

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -18,6 +18,7 @@ from cache.errors import CacheError
 from cache.keys import CacheKey, Kind, chat_key, completion_key
 from cache.policy import admissible, uncacheable_reason
 from cache.response_cache import Hit, Lookup, ResponseCache
+from proxy.cascade import Cascade, CascadeResult, LocalAnswer
 from proxy.context import RequestContext
 from proxy.errors import InvalidRequest, ProxyError, ServiceUnavailable, sse_error_event
 from proxy.protocol import CacheOptions, ChatCompletionRequest, CompletionRequest
@@ -36,15 +37,24 @@ class Outcome:
     """What happened to a request; rendered as response headers."""
 
     cache: str = "BYPASS"  # HIT-EXACT | HIT-SEMANTIC | MISS | BYPASS
-    served_by: str = "upstream"
+    served_by: str = "upstream"  # cache | local:<model> | upstream:<model> | none
     similarity: float | None = None
     threshold: float | None = None
     age: float | None = None
     entry_id: str | None = None
     reason: str | None = None  # why the cache was bypassed
+    escalated: list[str] = field(default_factory=list)  # local tiers tried and why they passed it on
+    confidence: float | None = None  # gate score of the local answer served
+    gate: str | None = None  # pass | last-tier (no upstream to escalate to, so not gated)
 
     def headers(self) -> dict[str, str]:
         out = {"x-cache": self.cache, "x-served-by": self.served_by}
+        if self.escalated:
+            out["x-escalated"] = ",".join(self.escalated)
+        if self.confidence is not None:
+            out["x-local-confidence"] = f"{self.confidence:.4f}"
+        if self.gate is not None:
+            out["x-local-gate"] = self.gate
         if self.similarity is not None:
             out["x-cache-similarity"] = f"{self.similarity:.4f}"
         if self.threshold is not None:
@@ -106,9 +116,10 @@ async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
 class CompletionPipeline:
     """Serves chat and legacy completions: cache tiers first, then the upstream."""
 
-    def __init__(self, cache: ResponseCache, upstream: Upstream | None) -> None:
+    def __init__(self, cache: ResponseCache, upstream: Upstream | None, cascade: Cascade) -> None:
         self.cache = cache
         self.upstream = upstream
+        self.cascade = cascade
 
     async def run(
         self,
@@ -132,7 +143,7 @@ class CompletionPipeline:
         storable = outcome.reason in (None, "no-cache") and not ctx.directives.no_store
         admission = Admission(key if storable else None, vector, options.ttl)
         try:
-            return await self._from_upstream(kind, request, body, ctx, outcome, admission)
+            return await self._answer(kind, request, body, ctx, outcome, admission)
         except ProxyError as exc:  # errors say what the cache did too
             exc.headers = {**outcome.headers(), **exc.headers}
             raise
@@ -174,6 +185,44 @@ class CompletionPipeline:
         replay = replay_chat if kind == "chat" else replay_completion
         return Reply(outcome, stream=_iterate(replay(response, include_usage)))
 
+    async def _answer(
+        self,
+        kind: Kind,
+        request: ChatCompletionRequest | CompletionRequest,
+        body: Mapping[str, Any],
+        ctx: RequestContext,
+        outcome: Outcome,
+        admission: Admission,
+    ) -> Reply:
+        """A miss: the cascade's local tiers when the requested model has a route, else (or then) the upstream."""
+        route = self.cascade.route(request.model, self.upstream is not None)
+        if route is None:
+            return await self._from_upstream(kind, request, body, ctx, outcome, admission, None)
+        work = self.cascade.run(kind, body, route, request.token_limit())
+        result = await cancel_on_disconnect(work, ctx.disconnected)
+        outcome.escalated = result.tried
+        if result.answer is not None:
+            return await self._from_local(kind, request, result.answer, outcome, admission)
+        if result.upstream is None:
+            raise _exhausted(result)
+        return await self._from_upstream(kind, request, body, ctx, outcome, admission, result.upstream.upstream_model)
+
+    async def _from_local(
+        self, kind: Kind, request: ChatCompletionRequest | CompletionRequest, answer: LocalAnswer, outcome: Outcome,
+        admission: Admission,
+    ) -> Reply:  # fmt: skip
+        response = answer.response(kind)
+        outcome.served_by = f"local:{answer.tier}"
+        outcome.confidence = answer.confidence.score
+        outcome.gate = "pass" if answer.gated else "last-tier"
+        if answer.gated and self.cascade.policy.cache_local_answers:  # only answers that passed the gate
+            outcome.entry_id = await self._store(admission, response, tier=f"local:{answer.tier}")
+        if not request.stream:
+            return Reply(outcome, body=response)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        replay = replay_chat if kind == "chat" else replay_completion
+        return Reply(outcome, stream=_iterate(replay(response, include_usage)))
+
     def _upstream(self) -> Upstream:
         if self.upstream is None:
             raise ServiceUnavailable(
@@ -191,11 +240,15 @@ class CompletionPipeline:
         ctx: RequestContext,
         outcome: Outcome,
         admission: Admission,
+        model: str | None,
     ) -> Reply:
         if self.upstream is None:
             outcome.served_by = "none"
         upstream = self._upstream()
         forwarded = {k: v for k, v in body.items() if k != "cache"}
+        if model is not None:
+            forwarded["model"] = model
+        outcome.served_by = f"upstream:{forwarded.get('model')}"
         headers = upstream.headers(ctx.headers)
         if request.stream:
             stack = AsyncExitStack()
@@ -229,15 +282,25 @@ class CompletionPipeline:
         finally:
             await stack.aclose()
 
-    async def _store(self, admission: Admission, payload: Mapping[str, Any]) -> str | None:
+    async def _store(self, admission: Admission, payload: Mapping[str, Any], tier: str = "upstream") -> str | None:
         if admission.key is None or not admissible(payload, self.cache.policy):
             return None
         try:
             # Shielded: a client leaving mid-write must not leave the store and the index out of step.
             entry = await asyncio.shield(
-                self.cache.put(admission.key, payload, admission.vector, tier="upstream", ttl_s=admission.ttl)
+                self.cache.put(admission.key, payload, admission.vector, tier=tier, ttl_s=admission.ttl)
             )
         except CacheError as exc:  # an answer we could not store is still a good answer
             log.warning("could not store answer: %s", exc)
             return None
         return entry.id
+
+
+def _exhausted(result: CascadeResult) -> ServiceUnavailable:
+    """No local tier answered and there is no upstream tier to escalate to."""
+    tried = ", ".join(result.tried) or "none"
+    retry = {"retry-after": "1"} if result.error is not None and result.error.reason == "saturated" else {}
+    return ServiceUnavailable(
+        f"no local model could answer ({tried}) and no upstream tier follows; configure CACHECADE_UPSTREAM_BASE_URL "
+        "or retry later", code="local_models_unavailable", headers=retry,
+    )  # fmt: skip

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from cache.embedder import AsyncEmbedder
 from cache.response_cache import ResponseCache
+from proxy.cascade import Cascade
 from proxy.config import Settings
 from proxy.pipeline import CompletionPipeline
 from proxy.upstream import Upstream
@@ -21,4 +22,5 @@ class Services:
     cache: ResponseCache
     upstream: Upstream | None
     pipeline: CompletionPipeline
+    cascade: Cascade
     started_at: float = field(default_factory=time.time)

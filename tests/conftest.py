@@ -30,3 +30,12 @@ def embedder(model_cache: Path):  # type: ignore[no-untyped-def]
     from cache.embedder import load_embedder
 
     return load_embedder("all-MiniLM-L6-v2", "onnx", model_cache)
+
+
+@pytest.fixture(scope="session")
+def engines(model_cache: Path):  # type: ignore[no-untyped-def]
+    """The packaged local models (SmolLM2 with its chat template, Gemma 3 270M few-shot), loaded once."""
+    from local_models.engine import LlamaEngine
+    from local_models.registry import default_local_models
+
+    return {name: LlamaEngine.load(name, config, model_cache) for name, config in default_local_models().items()}

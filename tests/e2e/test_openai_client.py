@@ -37,7 +37,7 @@ def ask(c: openai.OpenAI, question: str, system: str | None = None, **extra: obj
 def test_non_stream_miss_then_hit(proxy: Proxy) -> None:
     c = client(proxy)
     miss = ask(c, Q)
-    assert miss.headers["x-cache"] == "MISS" and miss.headers["x-served-by"] == "upstream"
+    assert miss.headers["x-cache"] == "MISS" and miss.headers["x-served-by"] == "upstream:smollm2"
     first = miss.parse()
     assert first.choices[0].finish_reason == "stop" and first.choices[0].message.content
     hit = ask(c, Q)

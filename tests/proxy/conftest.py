@@ -76,14 +76,15 @@ def upstream() -> FakeUpstream:
 
 
 @pytest.fixture
-def make_client(tmp_path: Path, embedder: Any, upstream: FakeUpstream):  # type: ignore[no-untyped-def]
+def make_client(tmp_path: Path, embedder: Any, engines: Any, upstream: FakeUpstream):  # type: ignore[no-untyped-def]
     """Factory: an httpx client on the app (lifespan run), with settings overrides."""
 
     @asynccontextmanager
     async def factory(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
         values: dict[str, Any] = {"data_dir": tmp_path / "data", "upstream_base_url": "http://upstream.test/v1",
                                   "admin_token": ADMIN, **overrides}  # fmt: skip
-        app = create_app(Settings(**values), embedder=embedder, upstream_transport=httpx.MockTransport(upstream))
+        transport = None if values["upstream_base_url"] is None else httpx.MockTransport(upstream)
+        app = create_app(Settings(**values), embedder=embedder, upstream_transport=transport, engines=engines)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://cachecade.test") as client:

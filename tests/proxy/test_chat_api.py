@@ -21,7 +21,7 @@ def sse_events(text: str) -> list[dict]:
 async def test_miss_then_exact_hit(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
     first = await client.post("/v1/chat/completions", json=chat(Q))
     assert first.status_code == 200
-    assert first.headers["x-cache"] == "MISS" and first.headers["x-served-by"] == "upstream"
+    assert first.headers["x-cache"] == "MISS" and first.headers["x-served-by"] == "upstream:up-model"
     assert first.headers["x-request-id"]
     second = await client.post("/v1/chat/completions", json=chat(Q))
     assert second.headers["x-cache"] == "HIT-EXACT" and second.headers["x-served-by"] == "cache"

@@ -92,7 +92,8 @@ async def test_upstream_timeout_is_504(client: httpx.AsyncClient, upstream: Fake
 
 
 async def test_no_upstream_is_503_saying_how_to_configure(make_client) -> None:  # type: ignore[no-untyped-def]
-    async with make_client(upstream_base_url=None) as client:
+    # With local answers for every model turned off, a model without a route has nowhere to go.
+    async with make_client(upstream_base_url=None, cascade_local_without_upstream=False) as client:
         r = await client.post("/v1/chat/completions", json=chat("hi"))
     error = assert_error(r, 503, None)
     assert "CACHECADE_UPSTREAM_BASE_URL" in error["message"] and error["code"] == "upstream_not_configured"

@@ -1,0 +1,163 @@
+"""The cascade on a cache miss: local tiers in route order, each gated on its confidence, then the upstream.
+
+No FastAPI here: the pipeline calls `Cascade.run` and renders what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cache.keys import Kind
+from local_models.cascade import CascadePolicy, Tier, judge
+from local_models.confidence import Confidence, assess, vote, vote_decided
+from local_models.engine import Generation, Sampling
+from local_models.errors import LocalModelError
+from local_models.worker import ModelWorker
+
+log = logging.getLogger("cachecade.cascade")
+VOTE_TEMPERATURE = 0.7  # samples after the first, when a tier votes and the caller asked for greedy
+
+
+@dataclass(frozen=True)
+class LocalAnswer:
+    """A local tier's answer: accepted by the gate, or forced (the last tier, nothing to escalate to)."""
+
+    tier: str
+    generation: Generation
+    confidence: Confidence
+    gated: bool
+    spent_tokens: int
+
+    def response(self, kind: Kind) -> dict[str, Any]:
+        """The answer in OpenAI's response shape."""
+        g = self.generation
+        text = g.text.strip()
+        usage = {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+                 "total_tokens": g.prompt_tokens + g.completion_tokens}  # fmt: skip
+        head = {"created": int(time.time()), "model": self.tier, "system_fingerprint": f"cachecade-local-{self.tier}"}
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": g.finish_reason}  # fmt: skip
+            return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", **head, "choices": [choice],
+                    "usage": usage}  # fmt: skip
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": g.finish_reason}
+        return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", **head, "choices": [choice],
+                "usage": usage}  # fmt: skip
+
+
+@dataclass
+class CascadeResult:
+    """What the local tiers did: an answer to serve, or where to escalate."""
+
+    answer: LocalAnswer | None = None
+    tried: list[str] = field(default_factory=list)  # "smollm2:low-confidence", ...
+    upstream: Tier | None = None  # the next tier when no local answer is served
+    error: LocalModelError | None = None  # the last local failure, when nothing answered
+
+
+@dataclass
+class CascadeStats:
+    """Counters since start: answers served per local tier, escalations per tier and reason."""
+
+    served: Counter[str] = field(default_factory=Counter)
+    escalated: Counter[str] = field(default_factory=Counter)
+    upstream: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"served_local": dict(self.served), "escalations": dict(self.escalated), "escalated_upstream":
+                self.upstream}  # fmt: skip
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(s for s in stop if isinstance(s, str)) if isinstance(stop, list) else ()
+
+
+class Cascade:
+    """Runs a request through its route's local tiers."""
+
+    def __init__(self, workers: Mapping[str, ModelWorker], policy: CascadePolicy) -> None:
+        self.workers = dict(workers)
+        self.policy = policy
+        self.stats = CascadeStats()
+
+    def route(self, model: str, has_upstream: bool) -> list[Tier] | None:
+        return self.policy.route_for(model, has_upstream)
+
+    def samplings(self, tier: str, body: Mapping[str, Any], limit: int | None) -> list[Sampling]:
+        """One Sampling per sample: greedy unless the caller set a temperature; k > 1 adds varied samples."""
+        temperature = body.get("temperature")
+        temperature = float(temperature) if isinstance(temperature, int | float) else 0.0
+        top_p = body.get("top_p")
+        given = body.get("seed")
+        seed = given if isinstance(given, int) else 0
+        base = Sampling(max_tokens=limit or self.policy.max_tokens, temperature=temperature,
+                        top_p=float(top_p) if isinstance(top_p, int | float) else 1.0, stop=_stop(body),
+                        seed=seed)  # fmt: skip
+        k = self.policy.samples.get(tier, 1)
+        varied = max(temperature, VOTE_TEMPERATURE)
+        return [base] + [Sampling(base.max_tokens, varied, base.top_p, base.stop, seed + i) for i in range(1, k)]
+
+    async def run(self, kind: Kind, body: Mapping[str, Any], route: list[Tier], limit: int | None) -> CascadeResult:
+        """Try each local tier in order until one is accepted; the last local tier is forced to answer when no
+        upstream follows it."""
+        result = CascadeResult()
+        for position, tier in enumerate(route):
+            if not tier.local:
+                result.upstream = tier
+                self.stats.upstream += 1
+                return result
+            last = position == len(route) - 1
+            answer = await self._try(tier.name, kind, body, limit, last, result)
+            if answer is not None:
+                result.answer = answer
+                self.stats.served[tier.name] += 1
+                return result
+        return result
+
+    async def _try(self, name: str, kind: Kind, body: Mapping[str, Any], limit: int | None, last: bool,
+                   result: CascadeResult) -> LocalAnswer | None:  # fmt: skip
+        worker = self.workers[name]
+        samplings = self.samplings(name, body, limit)
+        try:
+            prompt = worker.prompt(kind, body)
+            enough = (lambda gens: vote_decided([g.text for g in gens], len(samplings))) if len(samplings) > 1 else None
+            generations = await worker.generate(prompt, samplings, enough)
+        except LocalModelError as exc:
+            self._escalate(name, exc.reason, result)
+            result.error = exc
+            return None
+        answer = self._assess(name, generations, len(samplings))
+        verdict = judge(answer.generation, answer.confidence, self.policy.thresholds.get(name, 1.0),
+                        self.policy.min_token_prob.get(name, 0.0))  # fmt: skip
+        if verdict.accepted:
+            return answer
+        self._escalate(name, verdict.reason or "rejected", result)
+        if last:  # nothing to escalate to: the last local tier answers, marked as not gated
+            return LocalAnswer(answer.tier, answer.generation, answer.confidence, False, answer.spent_tokens)
+        return None
+
+    def _escalate(self, name: str, reason: str, result: CascadeResult) -> None:
+        result.tried.append(f"{name}:{reason}")
+        self.stats.escalated[f"{name}:{reason}"] += 1
+
+    @staticmethod
+    def _assess(name: str, generations: list[Generation], planned: int) -> LocalAnswer:
+        spent = sum(g.completion_tokens for g in generations)
+        if len(generations) == 1:
+            return LocalAnswer(name, generations[0], assess(generations[0]), True, spent)
+        # Agreement over the planned samples: an early stop counts the untaken ones as dissent (a lower bound).
+        index, agreement = vote([g.text for g in generations], planned)
+        chosen = generations[index]
+        single = assess(chosen)
+        confidence = Confidence(single.mean_logprob, single.min_logprob, single.degenerate, agreement,
+                                len(generations))  # fmt: skip
+        return LocalAnswer(name, chosen, confidence, True, spent)
