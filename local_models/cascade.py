@@ -86,7 +86,7 @@ class CascadePolicy(BaseModel):
                     known = ", ".join(sorted(available)) or "none"
                     raise ValueError(f"routes[{alias!r}] names local model {tier!r}, which is not configured "
                                      f"(local models: {known})")  # fmt: skip
-        if self.default_route not in self.routes and self.local_without_upstream:
+        if self.default_route != DEFAULT_ROUTE and self.default_route not in self.routes:
             raise ValueError(f"default_route {self.default_route!r} is not one of the routes")
 
     def route_for(self, model: str, has_upstream: bool) -> list[Tier] | None:

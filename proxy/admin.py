@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from cache.policy import CachePolicy
 from cache.store import vid_from_id
+from local_models.cascade import CascadePolicy
 from proxy.errors import InvalidRequest, NotFound, Unauthorized, from_validation
 from proxy.openai_api import parse_body, read_json, services
 from proxy.services import Services
@@ -58,11 +59,38 @@ async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     return policy.model_dump()
 
 
+@router.get("/cascade")
+async def get_cascade(svc: Admin) -> dict[str, Any]:
+    """The cascade policy in force: routes, per-model gate thresholds (in [0, 1], higher = stricter), samples."""
+    return {**svc.cascade.policy.model_dump(), "local_models": sorted(svc.cascade.workers)}
+
+
+@router.put("/cascade")
+@router.patch("/cascade")
+async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
+    """Change any cascade fields (the rest stay); routes may only name loaded local models. Logged."""
+    body = await read_json(request)
+    before = svc.cascade.policy.model_dump()
+    try:
+        policy = CascadePolicy.model_validate({**before, **body})
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+    try:
+        policy.check_models(svc.cascade.workers)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="routes") from None
+    svc.cascade.policy = policy
+    changed = {k: v for k, v in policy.model_dump().items() if before.get(k) != v}
+    log.info("admin changed cascade policy: %s", changed)
+    return await get_cascade(svc)
+
+
 @router.get("/stats")
 async def stats(svc: Admin) -> dict[str, Any]:
     """Hits by tier, misses, hit rate, entries, tokens saved, since this process started."""
     return {
         **svc.cache.stats.as_dict(),
+        "cascade": svc.cascade.stats.as_dict(),
         "entries": await svc.cache.store.count(),
         "indexed_vectors": len(svc.cache.index),
         "partitions": svc.cache.index.partitions(),

@@ -140,9 +140,9 @@ class Cascade:
                         self.policy.min_token_prob.get(name, 0.0))  # fmt: skip
         if verdict.accepted:
             return answer
-        self._escalate(name, verdict.reason or "rejected", result)
-        if last:  # nothing to escalate to: the last local tier answers, marked as not gated
+        if last:  # nothing to escalate to: the last local tier answers, marked as not gated (and never cached)
             return LocalAnswer(answer.tier, answer.generation, answer.confidence, False, answer.spent_tokens)
+        self._escalate(name, verdict.reason or "rejected", result)
         return None
 
     def _escalate(self, name: str, reason: str, result: CascadeResult) -> None:
