@@ -17,7 +17,7 @@ from cache.keys import Kind
 from local_models.cascade import CascadePolicy, Tier, judge
 from local_models.confidence import Confidence, assess, vote, vote_decided
 from local_models.engine import Generation, Sampling
-from local_models.errors import LocalModelError
+from local_models.errors import LocalModelError, Unsupported
 from local_models.worker import ModelWorker
 
 log = logging.getLogger("cachecade.cascade")
@@ -74,6 +74,20 @@ class CascadeStats:
                 self.upstream}  # fmt: skip
 
 
+def local_unsupported(body: Mapping[str, Any]) -> str | None:
+    """What in a request a local tier cannot honour (it would answer, but not as asked), or None."""
+    if body.get("tools") or body.get("functions"):
+        return "tools"
+    if body.get("n") not in (None, 1):
+        return "n"
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") or body.get("echo"):
+        return "logprobs"
+    response_format = body.get("response_format")
+    if isinstance(response_format, Mapping) and response_format.get("type") not in (None, "text"):
+        return "response_format"
+    return None
+
+
 def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -128,6 +142,9 @@ class Cascade:
         worker = self.workers[name]
         samplings = self.samplings(name, body, limit)
         try:
+            unsupported = local_unsupported(body)
+            if unsupported is not None:
+                raise Unsupported(f"{name} cannot honour {unsupported}")
             prompt = worker.prompt(kind, body)
             enough = (lambda gens: vote_decided([g.text for g in gens], len(samplings))) if len(samplings) > 1 else None
             generations = await worker.generate(prompt, samplings, enough)

@@ -52,6 +52,11 @@ async def test_tools_and_images_skip_local_tiers(make_client, upstream: FakeUpst
     async with make_client(cascade_routes=ROUTE, cascade_thresholds={"smollm2": 0.0}) as client:
         r = await client.post("/v1/chat/completions", json=auto(image))
     assert r.headers["x-escalated"] == "smollm2:unsupported" and r.headers["x-served-by"] == "upstream:up-model"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra in ({"tools": tools}, {"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_object"}}):
+        async with make_client(cascade_routes=ROUTE, cascade_thresholds={"smollm2": 0.0}) as client:
+            r = await client.post("/v1/chat/completions", json=auto(**extra))
+        assert r.headers["x-escalated"] == "smollm2:unsupported", extra
 
 
 async def test_saturated_model_is_skipped(make_client, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
