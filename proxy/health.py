@@ -30,5 +30,6 @@ async def readyz(request: Request) -> JSONResponse:
         "status": "ready",
         "embedder": svc.embedder.model_id,
         "indexed_vectors": len(svc.cache.index),
+        "local_models": sorted(svc.cascade.workers),
         "upstream_configured": svc.upstream is not None,  # not the URL: it may hold credentials or internal names
     })  # fmt: skip

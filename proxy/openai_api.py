@@ -148,10 +148,12 @@ def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
 
 @router.get("/models")
 async def models(request: Request) -> Response:
-    """The local embedder plus the upstream's models (when one is set and answers)."""
+    """The local embedder and the cascade's routes (the model names it answers), plus the upstream's models
+    (when one is set and answers)."""
     svc = services(request)
+    local = [DEFAULT_EMBEDDER, *svc.cascade.policy.routes]
     data: list[dict[str, Any]] = [
-        {"id": DEFAULT_EMBEDDER, "object": "model", "created": int(svc.started_at), "owned_by": "cachecade"}
+        {"id": name, "object": "model", "created": int(svc.started_at), "owned_by": "cachecade"} for name in local
     ]
     if svc.upstream is not None:
         try:

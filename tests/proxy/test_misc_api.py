@@ -14,6 +14,7 @@ async def test_health_and_ready(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert ready.json()["local_models"] == ["gemma3", "smollm2"]
 
 
 async def test_request_id_echoed_or_generated(client: httpx.AsyncClient) -> None:
@@ -24,7 +25,7 @@ async def test_request_id_echoed_or_generated(client: httpx.AsyncClient) -> None
 
 async def test_models_lists_local_and_upstream(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
     ids = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
-    assert ids == ["all-MiniLM-L6-v2", "up-model"]
+    assert ids == ["all-MiniLM-L6-v2", "cachecade/auto", "up-model"]
 
 
 async def test_local_embeddings(client: httpx.AsyncClient, embedder) -> None:  # type: ignore[no-untyped-def]
