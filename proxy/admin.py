@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ValidationError
 
-from cache.policy import CachePolicy
 from cache.store import vid_from_id
-from local_models.cascade import CascadePolicy
 from proxy.errors import InvalidRequest, NotFound, Unauthorized, from_validation
 from proxy.openai_api import parse_body, read_json, services
 from proxy.services import Services
@@ -43,19 +41,30 @@ async def get_config(svc: Admin) -> dict[str, Any]:
     return svc.cache.policy.model_dump()
 
 
+P = TypeVar("P", bound=BaseModel)
+
+
+async def _merged(request: Request, current: P) -> P:
+    """The policy with the body's fields changed (the rest stay), validated; a bad field is a 400 naming it."""
+    body = await read_json(request)
+    try:
+        return type(current).model_validate({**current.model_dump(), **body})
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+def _log_change(what: str, before: BaseModel, after: BaseModel) -> None:
+    old = before.model_dump()
+    log.info("admin changed %s: %s", what, {k: v for k, v in after.model_dump().items() if old.get(k) != v})
+
+
 @router.put("/config")
 @router.patch("/config")
 async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any policy fields (the rest stay); takes effect at once, and is logged."""
-    body = await read_json(request)
-    before = svc.cache.policy.model_dump()
-    try:
-        policy = CachePolicy.model_validate({**before, **body})
-    except ValidationError as exc:
-        raise from_validation(exc) from None
+    policy = await _merged(request, svc.cache.policy)
+    _log_change("cache policy", svc.cache.policy, policy)
     svc.cache.policy = policy
-    changed = {k: v for k, v in policy.model_dump().items() if before.get(k) != v}
-    log.info("admin changed cache policy: %s", changed)
     return policy.model_dump()
 
 
@@ -69,19 +78,13 @@ async def get_cascade(svc: Admin) -> dict[str, Any]:
 @router.patch("/cascade")
 async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any cascade fields (the rest stay); routes may only name loaded local models. Logged."""
-    body = await read_json(request)
-    before = svc.cascade.policy.model_dump()
-    try:
-        policy = CascadePolicy.model_validate({**before, **body})
-    except ValidationError as exc:
-        raise from_validation(exc) from None
+    policy = await _merged(request, svc.cascade.policy)
     try:
         policy.check_models(svc.cascade.workers)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="routes") from None
+    _log_change("cascade policy", svc.cascade.policy, policy)
     svc.cascade.policy = policy
-    changed = {k: v for k, v in policy.model_dump().items() if before.get(k) != v}
-    log.info("admin changed cascade policy: %s", changed)
     return await get_cascade(svc)
 
 

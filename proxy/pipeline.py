@@ -113,6 +113,17 @@ async def _iterate(events: Iterator[bytes]) -> AsyncIterator[bytes]:
         yield event
 
 
+def _reply(
+    kind: Kind, request: ChatCompletionRequest | CompletionRequest, response: dict[str, Any], outcome: Outcome
+) -> Reply:
+    """A complete answer we hold (cached or local): JSON, or replayed as a proper SSE stream."""
+    if not request.stream:
+        return Reply(outcome, body=response)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    replay = replay_chat if kind == "chat" else replay_completion
+    return Reply(outcome, stream=_iterate(replay(response, include_usage)))
+
+
 class CompletionPipeline:
     """Serves chat and legacy completions: cache tiers first, then the upstream."""
 
@@ -179,11 +190,7 @@ class CompletionPipeline:
         outcome.age = hit.entry.age(now)
         outcome.entry_id = hit.entry.id
         response = {**hit.entry.response, "id": _ID_PREFIX[kind] + uuid.uuid4().hex, "created": int(now)}
-        if not request.stream:
-            return Reply(outcome, body=response)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        replay = replay_chat if kind == "chat" else replay_completion
-        return Reply(outcome, stream=_iterate(replay(response, include_usage)))
+        return _reply(kind, request, response, outcome)
 
     async def _answer(
         self,
@@ -217,11 +224,7 @@ class CompletionPipeline:
         outcome.gate = "pass" if answer.gated else "last-tier"
         if answer.gated and self.cascade.policy.cache_local_answers:  # only answers that passed the gate
             outcome.entry_id = await self._store(admission, response, tier=f"local:{answer.tier}")
-        if not request.stream:
-            return Reply(outcome, body=response)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        replay = replay_chat if kind == "chat" else replay_completion
-        return Reply(outcome, stream=_iterate(replay(response, include_usage)))
+        return _reply(kind, request, response, outcome)
 
     def _upstream(self) -> Upstream:
         if self.upstream is None:
