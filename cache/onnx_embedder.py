@@ -2,7 +2,9 @@
 through torch (bench/embedder.py), with vectors equal to the torch ones to 1e-6.
 
 The ONNX graph is exported from the packaged torch weights on first use and kept on disk; the export checks
-its output against torch before the file is kept.
+its output against torch before the file is kept. The `onnx-int8` backend quantises that file's weights to int8,
+also once (kept beside it, checked against fp32): a quarter of the size and about 2x faster per query, with
+vectors at cosine ~0.994 to fp32's (docs/compression.md).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,13 @@ from cache.errors import EmbedderError
 log = logging.getLogger("cachecade.embedder")
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _CHECK_TEXTS = ["How do I learn Python quickly?", "Why is the sky blue?", "cachecade"]
+INT8_SUFFIX = "+int8"  # int8 vectors are close to fp32's but not equal, so they get their own index
+# Mean cosine to the fp32 vectors below which a quantised file is refused: a good one scores about 0.99.
+INT8_MIN_AGREEMENT = 0.95
+_INT8_CHECK_TEXTS = [
+    *_CHECK_TEXTS, "What is the best way to lose weight fast?", "How does a vaccine work?",
+    "Can you recommend a good science fiction novel?", "Is it safe to eat raw cookie dough?",
+]  # fmt: skip
 
 
 def _fingerprint(model_dir: Path) -> str:
@@ -48,6 +58,21 @@ def _check_pipeline(model_dir: Path) -> int:
     return int(json.loads(config.read_text()).get("max_seq_length", 256)) if config.exists() else 256
 
 
+@contextmanager
+def _atomic_file(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target`, moved onto it only when the block succeeds: a crash or a failed check
+    never leaves a half-written or unverified model where the next start would load it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def export_onnx(model_dir: Path, target: Path) -> None:
     """Export the transformer to ONNX (atomic write), verified against torch."""
     import torch
@@ -67,23 +92,35 @@ def export_onnx(model_dir: Path, target: Path) -> None:
 
     sample = reference.model.tokenizer(_CHECK_TEXTS[:1], return_tensors="pt")
     axes = {name: {0: "batch", 1: "sequence"} for name in (*_INPUTS, "last_hidden_state")}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
+    with _atomic_file(target) as tmp:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter about constant shapes; the export is verified below
-            torch.onnx.export(Hidden(), tuple(sample[n] for n in _INPUTS), tmp, input_names=list(_INPUTS),
+            torch.onnx.export(Hidden(), tuple(sample[n] for n in _INPUTS), str(tmp), input_names=list(_INPUTS),
                               output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17,
                               dynamo=False)  # fmt: skip
-        candidate = OnnxEmbedder(Path(tmp), model_dir, reference.model_id)
+        candidate = OnnxEmbedder(tmp, model_dir, reference.model_id)
         agreement = float((candidate.encode(_CHECK_TEXTS) * reference.encode(_CHECK_TEXTS)).sum(axis=1).min())
         if agreement < 0.999:
             raise EmbedderError(f"ONNX export of {model_dir} disagrees with torch (cosine {agreement:.4f})")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def quantize_int8(fp32_path: Path, model_dir: Path, target: Path) -> None:
+    """Quantise the fp32 export's weights to int8 (atomic write), refused unless its vectors stay close to fp32's.
+
+    Dynamic quantisation: weights are stored as int8, activations are quantised per call, so no calibration
+    data is needed. Signed per-channel weights kept the most quality (per-tensor scales: mean cosine 0.97, worst
+    0.85, against 0.994 and 0.98) and unsigned weights ran a third slower on this CPU (AVX-512 VNNI).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _atomic_file(target) as tmp:
+        quantize_dynamic(fp32_path, tmp, per_channel=True, weight_type=QuantType.QInt8)
+        reference = OnnxEmbedder(fp32_path, model_dir, "fp32").encode(_INT8_CHECK_TEXTS)
+        candidate = OnnxEmbedder(tmp, model_dir, "int8").encode(_INT8_CHECK_TEXTS)
+        agreement = float((candidate * reference).sum(axis=1).mean())
+        if agreement < INT8_MIN_AGREEMENT:
+            raise EmbedderError(f"int8 quantisation of {model_dir} strays from fp32 (mean cosine {agreement:.4f} < "
+                                f"{INT8_MIN_AGREEMENT}); use backend onnx")  # fmt: skip
 
 
 class OnnxEmbedder:
@@ -106,19 +143,27 @@ class OnnxEmbedder:
         # cores from the event loop and from a co-located upstream (a miss got 40 ms slower; bench/latency.py).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.onnx_path = onnx_path
         self.model_id = model_id
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
     @classmethod
-    def load(cls, name: str, cache_dir: Path, threads: int | None = None) -> OnnxEmbedder:
-        """Load the ONNX graph for a packaged name or model directory, exporting it on first use."""
+    def load(cls, name: str, cache_dir: Path, threads: int | None = None, int8: bool = False) -> OnnxEmbedder:
+        """Load the ONNX graph for a packaged name or model directory, exporting it on first use; with `int8`,
+        its int8 quantisation (made from the fp32 file on first use, kept beside it)."""
         model_dir = resolve_embedder_path(name)
-        onnx_path = cache_dir / "onnx" / f"{model_dir.parent.name}-{_fingerprint(model_dir)}.onnx"
+        fp32_path = cache_dir / "onnx" / f"{model_dir.parent.name}-{_fingerprint(model_dir)}.onnx"
+        path, model_id = (fp32_path, embedder_id(name))
+        if int8:
+            path, model_id = (fp32_path.with_suffix(".int8.onnx"), model_id + INT8_SUFFIX)
         try:
-            if not onnx_path.exists():
-                log.info("exporting %s to ONNX at %s (once)", name, onnx_path)
-                export_onnx(model_dir, onnx_path)
-            return cls(onnx_path, model_dir, embedder_id(name), threads)
+            if not fp32_path.exists() and not path.exists():
+                log.info("exporting %s to ONNX at %s (once)", name, fp32_path)
+                export_onnx(model_dir, fp32_path)
+            if not path.exists():
+                log.info("quantising %s to int8 at %s (once)", name, path)
+                quantize_int8(fp32_path, model_dir, path)
+            return cls(path, model_dir, model_id, threads)
         except EmbedderError:
             raise
         except Exception as exc:

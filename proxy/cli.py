@@ -1,4 +1,6 @@
-"""The `cachecade` command: `serve` runs the proxy, `calibrate` measures cache thresholds on labelled pairs."""
+"""The `cachecade` command: `serve` runs the proxy, `calibrate` measures cache thresholds on labelled pairs,
+`compress` measures what a compressed model costs and buys (`compress embedder`: int8 against fp32;
+`compress gguf`: a local model re-quantised by llama.cpp)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+
+from cache.embedder import EMBEDDER_BACKENDS
+from proxy import cli_cascade
+
+if TYPE_CHECKING:
+    from cache.calibration import Pair
+
+_Subcommands = argparse._SubParsersAction  # argparse's type for `add_subparsers()`, public in practice
 
 SERVE_HELP = """\
 Run the OpenAI-compatible proxy. Point clients at http://HOST:PORT/v1.
@@ -61,22 +71,53 @@ def _explain(exc: Exception) -> str:
     return "\n".join(lines)
 
 
-def _calibrate(args: argparse.Namespace) -> int:
-    from cache.calibration import calibrate, load_pairs, render_table
-    from cache.embedder import load_embedder
+def _model_cache() -> str:
+    return str(Path.home() / ".cache" / "cachecade")
+
+
+def _read_pairs(args: argparse.Namespace, command: str) -> list[Pair] | None:
+    """The pairs of --pairs (sampled with --limit), or None after saying why they cannot be read."""
+    from cache.calibration import load_pairs
 
     try:
-        pairs = load_pairs(Path(args.pairs), limit=args.limit, seed=args.seed)
-    except (OSError, ValueError) as exc:
-        print(f"cachecade calibrate: cannot read {args.pairs}: {exc}", file=sys.stderr)
+        return load_pairs(Path(args.pairs), limit=args.limit, seed=args.seed)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"cachecade {command}: cannot read {args.pairs}: {exc}", file=sys.stderr)
+        return None
+
+
+def _write_json(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from cache.calibration import calibrate, render_table
+    from cache.embedder import load_embedder
+
+    pairs = _read_pairs(args, "calibrate")
+    if pairs is None:
         return 2
     embedder = load_embedder(args.embedder, args.backend, Path(args.model_cache))
     report = calibrate(pairs, embedder, args.thresholds, args.max_false_hit)
     print(render_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, report)
+    return 0
+
+
+def _compress_embedder(args: argparse.Namespace) -> int:
+    from cache.compression import embedder_report, render_embedder_report
+    from proxy.config import Settings
+
+    pairs = _read_pairs(args, "compress embedder") if args.pairs else []
+    if pairs is None:
+        return 2
+    threads = Settings.model_fields["embedder_threads"].default  # timed as served
+    report = embedder_report(args.embedder, Path(args.model_cache), threads, pairs, args.queries)
+    print(render_embedder_report(report))
+    _write_json(args.json, report)
     return 0
 
 
@@ -115,12 +156,86 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--limit", type=int, help="use a random sample of this many pairs (fixed seed)")
     cal.add_argument("--seed", type=int, default=0, help="seed for --limit sampling (default 0)")
     cal.add_argument("--embedder", default="all-MiniLM-L6-v2", help="packaged embedder name or model directory")
-    cal.add_argument("--backend", choices=["onnx", "torch"], default="onnx", help="embedder backend (onnx)")
-    cal.add_argument("--model-cache", default=str(Path.home() / ".cache" / "cachecade"),
-                     help="where the ONNX export is kept")  # fmt: skip
+    cal.add_argument("--backend", choices=EMBEDDER_BACKENDS, default="onnx", help="embedder backend (onnx)")
+    cal.add_argument("--model-cache", default=_model_cache(), help="where the ONNX export is kept")
     cal.add_argument("--json", help="also write the report as JSON to this path")
     cal.set_defaults(run=_calibrate)
+    cli_cascade.add_parser(sub)
+
+    compress = _compress_group(sub)
+    _add_compress_embedder(compress)
+    _add_compress_gguf(compress)
     return top
+
+
+def _compress_group(sub: _Subcommands) -> _Subcommands:
+    """`cachecade compress MODEL`: one subcommand per kind of model that can be compressed."""
+    group = sub.add_parser(
+        "compress",
+        help="measure what a compressed model costs and buys",
+        description="Compare a compressed model with the one it replaces, on the same inputs.",
+    )
+    return group.add_subparsers(dest="model", required=True, metavar="MODEL")
+
+
+def _add_compress_embedder(compress: _Subcommands) -> None:
+    emb = compress.add_parser(
+        "embedder",
+        help="int8 embedder (backend onnx-int8) against fp32 (onnx)",
+        description="Compare the int8-quantised ONNX embedder with fp32: file size, single-query latency p50/p99 "
+        "and queries/s (threads as served), and with --pairs the lowest threshold (0.80:0.99:0.005) whose "
+        "false-hit rate is <= 2%, the hit rate there, int8's hit rate at fp32's threshold, and the cosine "
+        "between their vectors.",
+    )
+    emb.add_argument("--pairs", help="JSON file: a list of {text_a, text_b, label} (QQP pairs)")
+    emb.add_argument("--limit", type=int, help="use a random sample of this many pairs (fixed seed)")
+    emb.add_argument("--seed", type=int, default=0, help="seed for --limit sampling (default 0)")
+    emb.add_argument("--queries", type=int, default=300, help="single queries timed per embedder (default 300)")
+    emb.add_argument("--embedder", default="all-MiniLM-L6-v2", help="packaged embedder name or model directory")
+    emb.add_argument("--model-cache", default=_model_cache(), help="where the ONNX files are kept")
+    emb.add_argument("--json", help="also write the report as JSON to this path")
+    emb.set_defaults(run=_compress_embedder)
+
+
+def _compress_gguf(args: argparse.Namespace) -> int:
+    from local_models.compress import Bench, QuantizeError, compare, default_qa, load_qa, render_table, resolve_model
+    from local_models.registry import ModelNotFound
+
+    try:
+        src, prompt = resolve_model(args.model, args.prompt, Path(args.model_cache))
+        qa = load_qa(Path(args.qa), args.qa_limit) if args.qa else default_qa()
+        bench = Bench(prompt, tuple(qa), args.threads, args.n_ctx, speed_rounds=args.speed_rounds)
+        out = Path(args.out) if args.out else Path(args.model_cache) / "gguf"
+        report = compare(src, [t.strip() for t in args.types.split(",") if t.strip()], out, bench)
+    except (ModelNotFound, QuantizeError, OSError, ValueError, KeyError) as exc:
+        print(f"cachecade compress gguf: {exc}", file=sys.stderr)
+        return 2
+    print(render_table(report))
+    _write_json(args.json, report.to_json())
+    return 0
+
+
+def _add_compress_gguf(compress: _Subcommands) -> None:
+    gguf = compress.add_parser(
+        "gguf",
+        help="re-quantise a local GGUF model with llama.cpp and compare the files",
+        description="Re-quantise a GGUF model to each of --types and compare it with the source on the same "
+        "inputs: file size, greedy decode tokens/s, perplexity on a fixed English text and accuracy on a small "
+        "QA sample. Types llama.cpp refuses for the model are skipped and said so. Quality is bounded by the "
+        "source: the packaged files are already 4-bit, so a Q8_0 made from them cannot be better.",
+    )
+    gguf.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a .gguf path (default smollm2)")
+    gguf.add_argument("--types", required=True, help="comma-separated llama.cpp types, e.g. Q8_0,Q4_0,Q2_K")
+    gguf.add_argument("--out", help="where the files are written (default MODEL_CACHE/gguf)")
+    gguf.add_argument("--prompt", choices=["chat", "few-shot"], help="QA prompt style (default: the model's own)")
+    gguf.add_argument("--qa", help="QA JSON lines in nq_open's format instead of the built-in 30 questions")
+    gguf.add_argument("--qa-limit", type=int, help="use the first N questions of --qa")
+    gguf.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    gguf.add_argument("--n-ctx", type=int, default=512, help="perplexity window in tokens (default 512)")
+    gguf.add_argument("--speed-rounds", type=int, default=5, help="interleaved decode-speed runs per file (5)")
+    gguf.add_argument("--model-cache", default=_model_cache(), help="where files derived from packages are kept")
+    gguf.add_argument("--json", help="also write the report as JSON to this path")
+    gguf.set_defaults(run=_compress_gguf)
 
 
 def main(argv: list[str] | None = None) -> int:

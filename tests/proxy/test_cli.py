@@ -57,3 +57,47 @@ def test_calibrate_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_bad_threshold_range_is_a_usage_error() -> None:
     with pytest.raises(SystemExit):
         main(["calibrate", "--pairs", "x", "--thresholds", "0.9:0.8:0.01"])
+
+
+def test_compress_embedder_compares_fp32_and_int8(
+    tmp_path: Path, model_cache: Path, embedder: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pairs = [
+        {"text_a": "How do I learn Python?", "text_b": "How can I learn Python?", "label": 1},
+        {"text_a": "What is the capital of France?", "text_b": "What is the capital of Germany?", "label": 0},
+        {"text_a": "Why is the sky blue?", "text_b": "How do I bake bread?", "label": 0},
+    ]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    out = tmp_path / "compress.json"
+    code = main(["compress", "embedder", "--pairs", str(path), "--queries", "5", "--model-cache", str(model_cache),
+                 "--json", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "fp32 (all-MiniLM-L6-v2)" in printed and "int8 (all-MiniLM-L6-v2+int8)" in printed
+    assert "latency p50 (ms)" in printed and "hit rate on duplicates there" in printed
+    report = json.loads(out.read_text())
+    assert report["models"]["int8"]["size_mb"] < report["models"]["fp32"]["size_mb"] / 3
+    assert report["latency"]["int8"]["queries"] == 5 and report["threads"] == 2
+    assert report["quality"]["pairs"] == 3 and report["quality"]["cosine_fp32_int8"]["mean"] > 0.9
+
+
+def test_compress_embedder_unreadable_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compress", "embedder", "--pairs", str(tmp_path / "nope.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_compress_needs_a_model_to_compress() -> None:
+    with pytest.raises(SystemExit):
+        main(["compress"])
+
+
+def test_calibrate_runs_on_the_int8_embedder(
+    tmp_path: Path, model_cache: Path, embedder: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"text_a": "How do I learn Python?", "text_b": "How can I learn Python?", "label": 1}]))
+    out = tmp_path / "report.json"
+    assert main(["calibrate", "--pairs", str(path), "--backend", "onnx-int8", "--model-cache", str(model_cache),
+                 "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["embedder"] == "all-MiniLM-L6-v2+int8"
