@@ -198,12 +198,14 @@ def _add_compress_embedder(compress: _Subcommands) -> None:
 
 
 def _compress_gguf(args: argparse.Namespace) -> int:
-    from local_models.compress import Bench, QuantizeError, compare, default_qa, load_qa, render_table, resolve_model
+    from local_models.calibration import load_qa
+    from local_models.compress import QuantizeError
+    from local_models.compress_report import Bench, compare, default_qa, render_table, resolve_model
     from local_models.registry import ModelNotFound
 
     try:
         src, prompt = resolve_model(args.model, args.prompt, Path(args.model_cache))
-        qa = load_qa(Path(args.qa), args.qa_limit) if args.qa else default_qa()
+        qa = load_qa(Path(args.qa), limit=args.qa_limit) if args.qa else default_qa()
         bench = Bench(prompt, tuple(qa), args.threads, args.n_ctx, speed_rounds=args.speed_rounds)
         out = Path(args.out) if args.out else Path(args.model_cache) / "gguf"
         report = compare(src, [t.strip() for t in args.types.split(",") if t.strip()], out, bench)

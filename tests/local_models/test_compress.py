@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from local_models.compress import QuantizeError, decode_speeds, is_correct, perplexity, requantize
+from local_models.compress import QuantizeError, decode_speeds, perplexity, requantize
 from local_models.engine import LlamaEngine, Sampling
 from local_models.registry import LocalModelConfig, smollm2_gguf
 
@@ -82,16 +82,21 @@ def test_refused_type_says_why_and_leaves_no_file(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(
-    ("output", "answers", "right"),
-    [
-        ("The capital is Rome.", ("Rome",), True),
-        ("Romeo", ("Rome",), False),
-        ("6 x 7 = 42\nor 41", ("42",), True),
-        ("41\n42", ("42",), False),
-        ("Leonardo da Vinci painted it", ("da Vinci",), True),
-        ("", ("",), False),
-    ],
-)
-def test_grading(output: str, answers: tuple[str, ...], right: bool) -> None:
-    assert is_correct(output, answers) is right
+def test_compress_gguf_command_reports_source_and_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from proxy.cli import main
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "What is the capital of France?", "answer": ["Paris"]}\n'
+                  '{"question": "What is 2 + 2?", "answer": ["4", "four"]}\n')  # fmt: skip
+    out = tmp_path / "report.json"
+    args = ["compress", "gguf", "--model", "smollm2", "--types", "Q4_0", "--out", str(tmp_path / "gguf"),
+            "--qa", str(qa), "--threads", str(THREADS), "--speed-rounds", "1", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "source" in table and "Q4_0" in table and "perplexity" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["source", "Q4_0"] and all(r["perplexity"] > 1 for r in rows)
+    assert main(["compress", "gguf", "--types", "Q9_9", "--out", str(tmp_path / "gguf")]) == 2
+    assert "Q9_9" in capsys.readouterr().err
