@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install install-dev serve test test-fast lint bench calibrate system-deps clean
+.PHONY: install install-dev serve test test-fast lint bench calibrate calibrate-cascade system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,9 +55,16 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python -m bench.cache_quality --data $(DATA)
 	$(BIN)/python -m bench.latency --data $(DATA)
+	$(BIN)/python -m bench.local_tier
+	$(BIN)/python -m bench.embedder_int8 --data $(DATA)
+	$(BIN)/python -m bench.cascade --data $(DATA)
 
 calibrate: install
 	$(BIN)/cachecade calibrate --pairs $(DATA)/qqp_pairs/pairs.json --max-false-hit 0.02
+
+calibrate-cascade: install
+	$(BIN)/cachecade calibrate-cascade --qa $(DATA)/nq_open/NQ-open.dev.jsonl --qa $(DATA)/svamp/SVAMP.json \
+	  --target-precision 0.8 --limit 300
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure semantic-cache thresholds on labelled pairs",
                          description="Embed labelled pairs ({text_a, text_b, label} JSON) and print, per threshold, "
                          "the hit rate on duplicates, the false-hit rate on non-duplicates and the precision, with "
-                         "95%% Wilson intervals; recommend the lowest threshold meeting --max-false-hit.")  # fmt: skip
+                         "95% Wilson intervals; recommend the lowest threshold meeting --max-false-hit.")  # fmt: skip
     cal.add_argument("--pairs", required=True, help="JSON file: a list of {text_a, text_b, label}")
     cal.add_argument("--max-false-hit", type=float, default=0.01, help="target false-hit rate (default 0.01)")
     cal.add_argument("--thresholds", type=_thresholds, default=_thresholds("0.80:0.99:0.01"),

@@ -13,7 +13,7 @@ answer aliases), SVAMP (.json list with Body, Question, Answer) or GSM8K (.jsonl
 Thresholds are chosen in route order: the first tier's on every question, the next tier's on the questions the
 first escalated, and so on; each is the lowest confidence score at which the answers the gate accepts are right
 at least --target-precision of the time (with at least --min-accepted of them). Prints per tier the threshold,
-the accepted share, the accepted accuracy (95%% Wilson interval) and the escalation rate, then the setting to
+the accepted share, the accepted accuracy (95% Wilson interval) and the escalation rate, then the setting to
 apply: CACHECADE_CASCADE_THRESHOLDS='{...}'.
 """
 
