@@ -18,8 +18,11 @@ from local_models.engine import Generation
 
 UPSTREAM = "upstream"
 DEFAULT_ROUTE = "cachecade/auto"
-# Calibrated with `cachecade calibrate-cascade` (docs/cascade.md); scores are in [0, 1], higher = surer.
-DEFAULT_THRESHOLDS = {"smollm2": 0.75, "gemma3": 0.8}
+# Scores are in [0, 1], higher = surer. Not calibrated to a useful precision: on NQ-open and SVAMP no threshold
+# makes the packaged models' accepted answers right even half the time (docs/cascade.md), so these are set high
+# and accept only the surest answers (e.g. SmolLM2's "The capital of France is Paris." at 0.82). Calibrate your
+# own models with `cachecade calibrate-cascade`.
+DEFAULT_THRESHOLDS = {"smollm2": 0.8, "gemma3": 0.9}
 
 
 @dataclass(frozen=True)
