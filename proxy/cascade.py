@@ -59,6 +59,7 @@ class CascadeResult:
     tried: list[str] = field(default_factory=list)  # "smollm2:low-confidence", ...
     upstream: Tier | None = None  # the next tier when no local answer is served
     error: LocalModelError | None = None  # the last local failure, when nothing answered
+    local_seconds: float = 0.0  # time the local models spent generating (the rest of a run is overhead)
 
 
 @dataclass
@@ -148,6 +149,7 @@ class Cascade:
             prompt = worker.prompt(kind, body)
             enough = (lambda gens: vote_decided([g.text for g in gens], len(samplings))) if len(samplings) > 1 else None
             generations = await worker.generate(prompt, samplings, enough)
+            result.local_seconds += sum(g.seconds for g in generations)
         except LocalModelError as exc:
             self._escalate(name, exc.reason, result)
             result.error = exc

@@ -1,0 +1,123 @@
+"""Local-tier speed: generated tokens/s of the packaged models, what the logprob signal costs, and the cascade's
+overhead on an escalated request.
+
+- tokens/s: greedy generation of a fixed number of tokens on a fixed prompt, through our token loop (which reads
+  each sampled token's logprob from the last logits row), through llama-cpp-python's own completion (no
+  logprobs), and through llama-cpp-python with `logits_all=True` and logprobs (its only way to get them).
+- overhead: `Cascade.run` on a route [smollm2, upstream] whose gate rejects everything (so the request
+  escalates): its wall time minus the generation time the engine measured inside it, per request, is what the
+  local tier adds beyond the model's own generation (thread hop, queue, prompt rendering, confidence, gate).
+  The same generation called directly on the main thread is shown for reference: llama.cpp's OpenMP threads
+  are per calling thread, so alternating threads costs extra that the served path (one worker thread) never
+  pays.
+
+  python -m bench.local_tier [--runs 15] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, machine, percentile, write_json
+from local_models.cascade import CascadePolicy
+from local_models.engine import LlamaEngine, Sampling
+from local_models.registry import default_local_models
+from local_models.worker import ModelWorker
+from proxy.cascade import Cascade
+
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+QUESTION = [{"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": "What is the capital of France?"}]  # fmt: skip
+
+
+def tokens_per_second(engine: LlamaEngine, tokens: int, runs: int) -> dict[str, float]:
+    """Median generated tokens/s three ways on the same prompt."""
+    prompt = engine.chat_prompt(STORY)
+    ours, plain = [], []
+    for _ in range(runs):
+        g = engine.generate(prompt, Sampling(max_tokens=tokens))
+        ours.append(g.completion_tokens / g.seconds)
+        started = time.perf_counter()
+        out = engine.llm.create_completion(prompt.text, max_tokens=tokens, temperature=0)
+        plain.append(out["usage"]["completion_tokens"] / (time.perf_counter() - started))  # type: ignore[index]
+    return {"ours_with_logprobs": statistics.median(ours), "llama_cpp_python_no_logprobs": statistics.median(plain)}
+
+
+def logits_all_speed(path: Path, prompt: str, tokens: int, runs: int) -> float:
+    """tokens/s of llama-cpp-python's own logprobs, which need logits_all=True."""
+    from llama_cpp import Llama
+
+    # n_ctx 512: logits_all keeps n_ctx x vocab floats (2 GB for Gemma 3 at 2048).
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    speeds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=tokens, temperature=0, logprobs=1)
+        speeds.append(out["usage"]["completion_tokens"] / (time.perf_counter() - started))  # type: ignore[index]
+    return statistics.median(speeds)
+
+
+async def overhead(engine: LlamaEngine, runs: int) -> dict[str, float]:
+    """Median wall time of an escalating cascade run vs the bare generation (ms)."""
+    cascade = Cascade({"smollm2": ModelWorker(engine)}, CascadePolicy(routes={"a": ["smollm2", "upstream"]},
+                                                                      thresholds={"smollm2": 1.0}))  # fmt: skip
+    route = cascade.route("a", True) or []
+    body = {"model": "a", "messages": QUESTION, "max_tokens": 32}
+    prompt = engine.chat_prompt(QUESTION)
+    bare, through, extra = [], [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        engine.generate(prompt, Sampling(max_tokens=32))
+        bare.append((time.perf_counter() - started) * 1000)
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = await cascade.run("chat", body, route, 32)
+        wall = (time.perf_counter() - started) * 1000
+        assert result.upstream is not None and result.answer is None  # it escalated
+        through.append(wall)
+        extra.append(wall - result.local_seconds * 1000)
+    return {"direct_generation_p50_ms": statistics.median(bare), "cascade_escalated_p50_ms": statistics.median(through),
+            "overhead_p50_ms": statistics.median(extra), "overhead_p95_ms": percentile(extra, 95),
+            "cascade_escalated_p95_ms": percentile(through, 95)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--model-cache", default=str(Path.home() / ".cache" / "cachecade"))
+    args = parser.parse_args()
+    configs = default_local_models()
+    report: dict[str, Any] = {"machine": machine(), "runs": args.runs, "tokens": args.tokens, "models": {}}
+    for name in ("smollm2", "gemma3"):
+        engine = LlamaEngine.load(name, configs[name], Path(args.model_cache))
+        speeds = tokens_per_second(engine, args.tokens, args.runs)
+        speeds["llama_cpp_python_logits_all_logprobs"] = logits_all_speed(
+            engine.path, engine.chat_prompt(STORY).text, args.tokens, max(3, args.runs // 3)
+        )
+        report["models"][name] = speeds
+        if name == "smollm2":
+            report["overhead"] = asyncio.run(overhead(engine, args.runs))
+    lines = [f"machine: {report['machine']}", f"{args.tokens} greedy tokens, median of {args.runs} runs",
+             f"{'model':<9} {'ours+logprobs':>14} {'llama-cpp-py':>13} {'logits_all+lp':>14}  (tokens/s)"]  # fmt: skip
+    for name, s in report["models"].items():
+        lines.append(f"{name:<9} {s['ours_with_logprobs']:>14.1f} {s['llama_cpp_python_no_logprobs']:>13.1f} "
+                     f"{s['llama_cpp_python_logits_all_logprobs']:>14.1f}")  # fmt: skip
+    o = report["overhead"]
+    lines.append(
+        f"escalated request, smollm2 then upstream: generation p50 {o['generation_p50_ms']:.1f} ms, "
+        f"cascade p50 {o['cascade_escalated_p50_ms']:.1f} ms, overhead p50 {o['overhead_p50_ms']:.2f} ms"
+    )
+    text = "\n".join(lines)
+    print(text)
+    write_json("local_tier", report)
+    (RESULTS / "local_tier.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
