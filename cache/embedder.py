@@ -114,7 +114,7 @@ def load_embedder(
 ) -> Embedder:
     """Load an embedder. `onnx` (default) runs the same weights on ONNX Runtime, about 4x faster than torch
     here; the ONNX file is exported from the packaged weights once and kept in `cache_dir`. `onnx-int8` runs
-    that file quantised to int8 (made once, kept beside it): about 2x faster again, with vectors close to but
+    that file quantised to int8 (made once, kept beside it): about 1.5x faster again, with vectors close to but
     not equal to fp32's, so it has its own model_id (docs/compression.md)."""
     if backend == "torch":
         return TorchEmbedder.load(name)

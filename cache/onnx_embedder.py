@@ -3,7 +3,7 @@ through torch (bench/embedder.py), with vectors equal to the torch ones to 1e-6.
 
 The ONNX graph is exported from the packaged torch weights on first use and kept on disk; the export checks
 its output against torch before the file is kept. The `onnx-int8` backend quantises that file's weights to int8,
-also once (kept beside it, checked against fp32): a quarter of the size and about 2x faster per query, with
+also once (kept beside it, checked against fp32): a quarter of the size and about 1.5x faster per query, with
 vectors at cosine ~0.994 to fp32's (docs/compression.md).
 """
 

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     embedder_backend: Literal["onnx", "onnx-int8", "torch"] = Field(
         "onnx",
         description="onnx: same weights on ONNX Runtime, ~4x faster here; onnx-int8: those weights quantised to "
-        "int8, ~2x faster again, slightly different vectors (own cache index; docs/compression.md); torch: "
+        "int8, ~1.5x faster again, slightly different vectors (own cache index; docs/compression.md); torch: "
         "sentence-transformers",
     )
     embedder_threads: int = Field(
