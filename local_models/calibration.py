@@ -12,10 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
-import string
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,15 +21,13 @@ from typing import Any, Literal, Protocol
 
 from cache.calibration import wilson
 from local_models.cascade import judge
-from local_models.confidence import Confidence, assess
+from local_models.confidence import Confidence, assess, number_text, squad_normalise
 from local_models.engine import Generation, Sampling
 from local_models.prompts import Prompt
 
 SYSTEM_PROMPT = "Answer with just the answer, no explanation."
 MAX_TOKENS = 32
 NEVER = 1.0  # the threshold of a tier no score qualifies (a score reaches 1.0 only when every token is certain)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 Dataset = Literal["nq_open", "svamp", "gsm8k"]
 
 
@@ -110,15 +105,8 @@ def load_qa(path: Path, limit: int | None = None, seed: int = 0) -> list[QAItem]
 
 def first_number(text: str) -> float | None:
     """The first number written in a text (thousands separators allowed), or None."""
-    match = _NUMBER.search(unicodedata.normalize("NFKC", text))
-    return float(match.group(0).replace(",", "")) if match else None
-
-
-def squad_normalise(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = text.translate(str.maketrans("", "", string.punctuation))
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    value = number_text(text)
+    return float(value) if value is not None else None
 
 
 def is_correct(answer: str, item: QAItem, tolerance: float = 1e-6) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from local_models.engine import Generation
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
 @dataclass(frozen=True)
@@ -65,16 +65,25 @@ def degenerate_reason(text: str, ngram: int = 4, max_repeat_share: float = 0.5) 
     return None
 
 
-def normalise_answer(text: str) -> str:
-    """A comparable form of a short answer: the first number when there is one, else lower-case words without
-    punctuation or articles (the SQuAD convention)."""
-    text = unicodedata.normalize("NFKC", text).strip()
-    number = _NUMBER.search(text)
-    if number:
-        value = number.group(0).replace(",", "")
-        return value.rstrip("0").rstrip(".") if "." in value else value
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+def number_text(text: str) -> str | None:
+    """The first number written in a text, without thousands separators, or None."""
+    match = _NUMBER.search(unicodedata.normalize("NFKC", text))
+    return match.group(0).replace(",", "") if match else None
+
+
+def squad_normalise(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = text.translate(str.maketrans("", "", string.punctuation))
     return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def normalise_answer(text: str) -> str:
+    """A comparable form of a short answer: the first number when there is one, else the SQuAD normalisation."""
+    value = number_text(text)
+    if value is not None:
+        return value.rstrip("0").rstrip(".") if "." in value else value
+    return squad_normalise(text)
 
 
 def vote(texts: Sequence[str], total: int | None = None) -> tuple[int, float]:

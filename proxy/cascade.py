@@ -32,7 +32,6 @@ class LocalAnswer:
     generation: Generation
     confidence: Confidence
     gated: bool
-    spent_tokens: int
 
     def response(self, kind: Kind) -> dict[str, Any]:
         """The answer in OpenAI's response shape."""
@@ -160,7 +159,7 @@ class Cascade:
         if verdict.accepted:
             return answer
         if last:  # nothing to escalate to: the last local tier answers, marked as not gated (and never cached)
-            return LocalAnswer(answer.tier, answer.generation, answer.confidence, False, answer.spent_tokens)
+            return LocalAnswer(answer.tier, answer.generation, answer.confidence, False)
         self._escalate(name, verdict.reason or "rejected", result)
         return None
 
@@ -170,13 +169,12 @@ class Cascade:
 
     @staticmethod
     def _assess(name: str, generations: list[Generation], planned: int) -> LocalAnswer:
-        spent = sum(g.completion_tokens for g in generations)
         if len(generations) == 1:
-            return LocalAnswer(name, generations[0], assess(generations[0]), True, spent)
+            return LocalAnswer(name, generations[0], assess(generations[0]), True)
         # Agreement over the planned samples: an early stop counts the untaken ones as dissent (a lower bound).
         index, agreement = vote([g.text for g in generations], planned)
         chosen = generations[index]
         single = assess(chosen)
         confidence = Confidence(single.mean_logprob, single.min_logprob, single.degenerate, agreement,
                                 len(generations))  # fmt: skip
-        return LocalAnswer(name, chosen, confidence, True, spent)
+        return LocalAnswer(name, chosen, confidence, True)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from cache.embedder import EMBEDDER_BACKENDS
+from cache import EMBEDDER_BACKENDS
 from proxy import cli_cascade
 
 if TYPE_CHECKING:
