@@ -77,6 +77,19 @@ class Admission:
     ttl: float | None
 
 
+@dataclass(frozen=True)
+class Miss:
+    """One request that the cache did not answer, with what its answer needs: how to reach the caller, what
+    the cache did (rendered as headers) and how to store the answer."""
+
+    kind: Kind
+    request: ChatCompletionRequest | CompletionRequest
+    body: Mapping[str, Any]
+    ctx: RequestContext
+    outcome: Outcome
+    admission: Admission
+
+
 @dataclass
 class Reply:
     """A JSON body or an SSE byte stream, with its outcome."""
@@ -154,7 +167,7 @@ class CompletionPipeline:
         storable = outcome.reason in (None, "no-cache") and not ctx.directives.no_store
         admission = Admission(key if storable else None, vector, options.ttl)
         try:
-            return await self._answer(kind, request, body, ctx, outcome, admission)
+            return await self._answer(Miss(kind, request, body, ctx, outcome, admission))
         except ProxyError as exc:  # errors say what the cache did too
             exc.headers = {**outcome.headers(), **exc.headers}
             raise
@@ -192,39 +205,29 @@ class CompletionPipeline:
         response = {**hit.entry.response, "id": _ID_PREFIX[kind] + uuid.uuid4().hex, "created": int(now)}
         return _reply(kind, request, response, outcome)
 
-    async def _answer(
-        self,
-        kind: Kind,
-        request: ChatCompletionRequest | CompletionRequest,
-        body: Mapping[str, Any],
-        ctx: RequestContext,
-        outcome: Outcome,
-        admission: Admission,
-    ) -> Reply:
-        """A miss: the cascade's local tiers when the requested model has a route, else (or then) the upstream."""
-        route = self.cascade.route(request.model, self.upstream is not None)
+    async def _answer(self, miss: Miss) -> Reply:
+        """The cascade's local tiers when the requested model has a route, else (or then) the upstream."""
+        route = self.cascade.route(miss.request.model, self.upstream is not None)
         if route is None:
-            return await self._from_upstream(kind, request, body, ctx, outcome, admission, None)
-        work = self.cascade.run(kind, body, route, request.token_limit())
-        result = await cancel_on_disconnect(work, ctx.disconnected)
-        outcome.escalated = result.tried
+            return await self._from_upstream(miss, None)
+        work = self.cascade.run(miss.kind, miss.body, route, miss.request.token_limit())
+        result = await cancel_on_disconnect(work, miss.ctx.disconnected)
+        miss.outcome.escalated = result.tried
         if result.answer is not None:
-            return await self._from_local(kind, request, result.answer, outcome, admission)
+            return await self._from_local(miss, result.answer)
         if result.upstream is None:
             raise _exhausted(result)
-        return await self._from_upstream(kind, request, body, ctx, outcome, admission, result.upstream.upstream_model)
+        return await self._from_upstream(miss, result.upstream.upstream_model)
 
-    async def _from_local(
-        self, kind: Kind, request: ChatCompletionRequest | CompletionRequest, answer: LocalAnswer, outcome: Outcome,
-        admission: Admission,
-    ) -> Reply:  # fmt: skip
-        response = answer.response(kind)
+    async def _from_local(self, miss: Miss, answer: LocalAnswer) -> Reply:
+        response = answer.response(miss.kind)
+        outcome = miss.outcome
         outcome.served_by = f"local:{answer.tier}"
         outcome.confidence = answer.confidence.score
         outcome.gate = "pass" if answer.gated else "last-tier"
         if answer.gated and self.cascade.policy.cache_local_answers:  # only answers that passed the gate
-            outcome.entry_id = await self._store(admission, response, tier=f"local:{answer.tier}")
-        return _reply(kind, request, response, outcome)
+            outcome.entry_id = await self._store(miss.admission, response, tier=f"local:{answer.tier}")
+        return _reply(miss.kind, miss.request, response, outcome)
 
     def _upstream(self) -> Upstream:
         if self.upstream is None:
@@ -235,30 +238,23 @@ class CompletionPipeline:
             )
         return self.upstream
 
-    async def _from_upstream(
-        self,
-        kind: Kind,
-        request: ChatCompletionRequest | CompletionRequest,
-        body: Mapping[str, Any],
-        ctx: RequestContext,
-        outcome: Outcome,
-        admission: Admission,
-        model: str | None,
-    ) -> Reply:
+    async def _from_upstream(self, miss: Miss, model: str | None) -> Reply:
+        """Forward the request (as `model` when a route names one); relay a stream, store a complete answer."""
+        outcome, path = miss.outcome, _PATHS[miss.kind]
         if self.upstream is None:
             outcome.served_by = "none"
         upstream = self._upstream()
-        forwarded = {k: v for k, v in body.items() if k != "cache"}
+        forwarded = {k: v for k, v in miss.body.items() if k != "cache"}
         if model is not None:
             forwarded["model"] = model
         outcome.served_by = f"upstream:{forwarded.get('model')}"
-        headers = upstream.headers(ctx.headers)
-        if request.stream:
+        headers = upstream.headers(miss.ctx.headers)
+        if miss.request.stream:
             stack = AsyncExitStack()
-            chunks = await stack.enter_async_context(upstream.stream(_PATHS[kind], forwarded, headers))
-            return Reply(outcome, stream=self._pass_through(kind, chunks, stack, admission))
-        payload = await cancel_on_disconnect(upstream.post(_PATHS[kind], forwarded, headers), ctx.disconnected)
-        outcome.entry_id = await self._store(admission, payload)
+            chunks = await stack.enter_async_context(upstream.stream(path, forwarded, headers))
+            return Reply(outcome, stream=self._pass_through(miss.kind, chunks, stack, miss.admission))
+        payload = await cancel_on_disconnect(upstream.post(path, forwarded, headers), miss.ctx.disconnected)
+        outcome.entry_id = await self._store(miss.admission, payload)
         return Reply(outcome, body=payload)
 
     async def _pass_through(
