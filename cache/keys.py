@@ -19,7 +19,17 @@ Kind = Literal["chat", "completion"]
 # Fields that do not change a complete answer. max_tokens is left out on purpose: only complete answers
 # (finish_reason == "stop") are cached, and the lookup checks that a stored answer fits the caller's limit.
 IGNORED_FIELDS = frozenset(
-    {"stream", "stream_options", "cache", "user", "metadata", "store", "max_tokens", "max_completion_tokens"}
+    {
+        "stream",
+        "stream_options",
+        "cache",
+        "user",
+        "metadata",
+        "store",
+        "max_tokens",
+        "max_completion_tokens",
+        "token_budget",
+    }
 )
 _EMBEDDED = "\x00cachecade:embedded-turn\x00"
 

@@ -34,6 +34,14 @@ class Hit:
     similarity: float
 
 
+@dataclass(frozen=True)
+class Neighbour:
+    """A stored answer near a query: how close, and how many completion tokens it took."""
+
+    similarity: float
+    completion_tokens: int
+
+
 @dataclass
 class CacheStats:
     """Counters since start (per process)."""
@@ -158,6 +166,20 @@ class ResponseCache:
             if entry.partition == key.partition and self._servable(entry, key, request, now):
                 return Hit(entry, "semantic", score)
         return None
+
+    async def neighbours(self, key: CacheKey, vector: np.ndarray, k: int, min_similarity: float) -> list[Neighbour]:
+        """The stored answers nearest to a query in its partition (same tenant, model and context), at least
+        `min_similarity` close: what they cost, for estimating how long this query's answer will be."""
+        now, found = self.clock(), []
+        for vid, score in self.index.search(key.partition, vector, k):
+            if score < min_similarity:
+                break
+            entry = await self.store.get(vid)
+            if entry is None or entry.partition != key.partition or entry.tenant != key.tenant:
+                continue
+            if not entry.expired(now) and entry.completion_tokens >= 0:
+                found.append(Neighbour(score, entry.completion_tokens))
+        return found
 
     async def put(
         self,

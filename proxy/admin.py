@@ -88,12 +88,41 @@ async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
     return await get_cascade(svc)
 
 
+@router.get("/budgets")
+async def get_budgets(svc: Admin) -> dict[str, Any]:
+    """Token and request limits per key id, the default for other keys, and the decoding policy for budgets."""
+    return svc.spending.policy.model_dump()
+
+
+@router.put("/budgets")
+@router.patch("/budgets")
+async def put_budgets(request: Request, svc: Admin) -> dict[str, Any]:
+    """Change any budget fields (the rest stay; `keys` is replaced whole); takes effect at once, and is logged."""
+    budgets = svc.spending.budgets
+    policy = await _merged(request, budgets.policy)
+    _log_change("budget policy", budgets.policy, policy)
+    budgets.policy = policy
+    return policy.model_dump()
+
+
+@router.get("/budgets/usage")
+async def budget_usage(svc: Admin, key_id: Annotated[str, Query(min_length=1)]) -> dict[str, Any]:
+    """One key's limits and what it used in the current windows (reading counts nothing)."""
+    ticket = await svc.spending.budgets.peek(key_id)
+    now = time.time()
+    usages = [*ticket.tokens, *([ticket.requests] if ticket.requests else [])]
+    windows = [{"what": u.what, "window": u.window, "limit": u.limit, "used": u.used, "remaining": u.remaining,
+                "resets_in_s": round(u.resets_at - now, 1)} for u in usages]  # fmt: skip
+    return {"key_id": key_id, "limits": ticket.limits.model_dump(), "windows": windows}
+
+
 @router.get("/stats")
 async def stats(svc: Admin) -> dict[str, Any]:
     """Hits by tier, misses, hit rate, entries, tokens saved, since this process started."""
     return {
         **svc.cache.stats.as_dict(),
         "cascade": svc.cascade.stats.as_dict(),
+        "tokens": {**svc.spending.stats.as_dict(), "saved_by_cache": svc.cache.stats.tokens_saved},
         "entries": await svc.cache.store.count(),
         "indexed_vectors": len(svc.cache.index),
         "partitions": svc.cache.index.partitions(),

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
+from cache.counters import SQLiteCounters
 from cache.embedder import AsyncEmbedder, Embedder, load_embedder
 from cache.index import VectorIndex
 from cache.response_cache import ResponseCache
@@ -19,12 +20,15 @@ from cache.sqlite_store import SQLiteStore
 from local_models.engine import LlamaEngine
 from local_models.worker import ModelWorker
 from proxy import admin, health, openai_api
+from proxy.budget import Budgets
 from proxy.cascade import Cascade
 from proxy.config import Settings
 from proxy.context import RequestIdMiddleware
 from proxy.errors import install_error_handlers
 from proxy.pipeline import CompletionPipeline
 from proxy.services import Services
+from proxy.spending import SpendPlanner
+from proxy.tokens import TokenCounter
 from proxy.upstream import Upstream
 
 log = logging.getLogger("cachecade")
@@ -47,7 +51,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await _start(settings, embedder, upstream_transport, engines)
         app.state.services = services
-        upkeep = asyncio.create_task(_upkeep(services.cache))
+        upkeep = asyncio.create_task(_upkeep(services))
         try:
             yield
         finally:
@@ -110,8 +114,11 @@ async def _start(
     cascade = Cascade(await _load_engines(settings, engines), settings.cascade_policy())
     if settings.admin_token is None:
         log.info("admin API disabled: set CACHECADE_ADMIN_TOKEN to enable /admin")
-    pipeline = CompletionPipeline(cache, upstream, cascade)
-    return Services(settings, async_embedder, cache, upstream, pipeline, cascade)
+    counters = await SQLiteCounters.open(settings.data_dir / "budgets.sqlite3", cache.clock)
+    budgets = Budgets(counters, settings.budget_policy(), cache.clock)
+    spending = SpendPlanner(budgets, await asyncio.to_thread(TokenCounter), cache)
+    pipeline = CompletionPipeline(cache, upstream, cascade, spending)
+    return Services(settings, async_embedder, cache, upstream, pipeline, cascade, spending)
 
 
 async def _stop(services: Services) -> None:
@@ -119,14 +126,15 @@ async def _stop(services: Services) -> None:
     if services.upstream is not None:
         await services.upstream.aclose()
     await services.cache.store.close()
+    await services.spending.budgets.counters.close()
     services.embedder.close()
     for worker in services.cascade.workers.values():
         worker.close()
 
 
-async def _upkeep(cache: ResponseCache) -> None:
-    """Write recorded uses every second and purge expired entries every minute."""
-    last_purge = time.monotonic()
+async def _upkeep(services: Services) -> None:
+    """Write recorded uses every second; purge expired entries and ended budget windows every minute."""
+    cache, last_purge = services.cache, time.monotonic()
     while True:
         await asyncio.sleep(FLUSH_USES_EVERY_S)
         try:
@@ -134,5 +142,6 @@ async def _upkeep(cache: ResponseCache) -> None:
             if time.monotonic() - last_purge >= PURGE_EVERY_S:
                 last_purge = time.monotonic()
                 await cache.purge_expired()
+                await services.spending.budgets.counters.purge(cache.clock())
         except Exception:  # keep going: a failed round only delays LRU bookkeeping or reclaiming space
             log.exception("cache upkeep failed")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cache.keys import Kind
+from local_models.budget import plan_decoding
 from local_models.cascade import CascadePolicy, Tier, judge
 from local_models.confidence import Confidence, assess, vote, vote_decided
 from local_models.engine import Generation, Sampling
@@ -50,6 +51,14 @@ class LocalAnswer:
                 "usage": usage}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a request may spend on one tier's answer (None: no budget) and its estimated answer length."""
+
+    tokens: int | None = None
+    estimate: int | None = None
+
+
 @dataclass
 class CascadeResult:
     """What the local tiers did: an answer to serve, or where to escalate."""
@@ -59,6 +68,7 @@ class CascadeResult:
     upstream: Tier | None = None  # the next tier when no local answer is served
     error: LocalModelError | None = None  # the last local failure, when nothing answered
     local_seconds: float = 0.0  # time the local models spent generating (the rest of a run is overhead)
+    local_tokens: int = 0  # tokens the local models spent (every sample of every tier tried)
 
 
 @dataclass
@@ -106,21 +116,27 @@ class Cascade:
     def route(self, model: str, has_upstream: bool) -> list[Tier] | None:
         return self.policy.route_for(model, has_upstream)
 
-    def samplings(self, tier: str, body: Mapping[str, Any], limit: int | None) -> list[Sampling]:
-        """One Sampling per sample: greedy unless the caller set a temperature; k > 1 adds varied samples."""
+    def samplings(self, tier: str, body: Mapping[str, Any], limit: int | None, budget: Budget | None = None
+                  ) -> list[Sampling]:  # fmt: skip
+        """One Sampling per sample: greedy unless the caller set a temperature; k > 1 adds varied samples. A
+        budget caps each sample and lowers k to what it pays for (local_models.budget)."""
         temperature = body.get("temperature")
         temperature = float(temperature) if isinstance(temperature, int | float) else 0.0
         top_p = body.get("top_p")
         given = body.get("seed")
         seed = given if isinstance(given, int) else 0
-        base = Sampling(max_tokens=limit or self.policy.max_tokens, temperature=temperature,
+        budget = budget or Budget()
+        plan = plan_decoding(self.policy.samples.get(tier, 1), limit or self.policy.max_tokens, budget.tokens,
+                             budget.estimate)  # fmt: skip
+        base = Sampling(max_tokens=plan.max_tokens, temperature=temperature,
                         top_p=float(top_p) if isinstance(top_p, int | float) else 1.0, stop=_stop(body),
                         seed=seed)  # fmt: skip
-        k = self.policy.samples.get(tier, 1)
         varied = max(temperature, VOTE_TEMPERATURE)
-        return [base] + [Sampling(base.max_tokens, varied, base.top_p, base.stop, seed + i) for i in range(1, k)]
+        return [base] + [Sampling(base.max_tokens, varied, base.top_p, base.stop, seed + i)
+                         for i in range(1, plan.samples)]  # fmt: skip
 
-    async def run(self, kind: Kind, body: Mapping[str, Any], route: list[Tier], limit: int | None) -> CascadeResult:
+    async def run(self, kind: Kind, body: Mapping[str, Any], route: list[Tier], limit: int | None,
+                  budget: Budget | None = None) -> CascadeResult:  # fmt: skip
         """Try each local tier in order until one is accepted; the last local tier is forced to answer when no
         upstream follows it."""
         result = CascadeResult()
@@ -130,17 +146,17 @@ class Cascade:
                 self.stats.upstream += 1
                 return result
             last = position == len(route) - 1
-            answer = await self._try(tier.name, kind, body, limit, last, result)
+            answer = await self._try(tier.name, kind, body, self.samplings(tier.name, body, limit, budget), last,
+                                     result)  # fmt: skip
             if answer is not None:
                 result.answer = answer
                 self.stats.served[tier.name] += 1
                 return result
         return result
 
-    async def _try(self, name: str, kind: Kind, body: Mapping[str, Any], limit: int | None, last: bool,
+    async def _try(self, name: str, kind: Kind, body: Mapping[str, Any], samplings: list[Sampling], last: bool,
                    result: CascadeResult) -> LocalAnswer | None:  # fmt: skip
         worker = self.workers[name]
-        samplings = self.samplings(name, body, limit)
         try:
             unsupported = local_unsupported(body)
             if unsupported is not None:
@@ -149,6 +165,7 @@ class Cascade:
             enough = (lambda gens: vote_decided([g.text for g in gens], len(samplings))) if len(samplings) > 1 else None
             generations = await worker.generate(prompt, samplings, enough)
             result.local_seconds += sum(g.seconds for g in generations)
+            result.local_tokens += sum(g.prompt_tokens + g.completion_tokens for g in generations)
         except LocalModelError as exc:
             self._escalate(name, exc.reason, result)
             result.error = exc

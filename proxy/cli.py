@@ -132,6 +132,17 @@ def _thresholds(text: str) -> list[float]:
     return [round(start + i * step, 6) for i in range(count)]
 
 
+def _key_id(args: argparse.Namespace) -> int:
+    from proxy.context import key_id
+
+    key = (args.key if args.key is not None else sys.stdin.readline()).strip()
+    if not key:
+        print("cachecade key-id: no key given", file=sys.stderr)
+        return 2
+    print(key_id(key))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     top = argparse.ArgumentParser(prog="cachecade", description="LLM cost-and-latency proxy (OpenAI-compatible).")
@@ -161,6 +172,12 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--json", help="also write the report as JSON to this path")
     cal.set_defaults(run=_calibrate)
     cli_cascade.add_parser(sub)
+    kid = sub.add_parser("key-id", help="print the id of an API key (budgets are set per key id)",
+                         description="Print the id cachecade knows an API key by (a hash; keys are never stored). "
+                         "Use it in key_limits and /admin/budgets. Reads the key from stdin when none is given, "
+                         "so it stays out of shell history.")  # fmt: skip
+    kid.add_argument("key", nargs="?", help="the API key (default: read one line from stdin)")
+    kid.set_defaults(run=_key_id)
 
     compress = _compress_group(sub)
     _add_compress_embedder(compress)

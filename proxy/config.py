@@ -20,6 +20,7 @@ from pydantic_settings import (
 from cache.policy import CachePolicy
 from local_models.cascade import DEFAULT_ROUTE, DEFAULT_THRESHOLDS, UPSTREAM, CascadePolicy
 from local_models.registry import LocalModelConfig, ModelNotFound, default_local_models
+from proxy.budget import BudgetPolicy, KeyLimits
 
 # The shipped default threshold, chosen with `cachecade calibrate` on QQP (docs/calibration.md).
 DEFAULT_THRESHOLD = 0.95
@@ -107,6 +108,28 @@ class Settings(BaseSettings):
     cascade_default_route: str = DEFAULT_ROUTE
     local_max_tokens: int = Field(256, ge=1, le=32768, description="local answer cap when the client sets none")
 
+    key_limits: dict[str, KeyLimits] = Field(
+        default_factory=dict,
+        description='per key id (`cachecade key-id KEY`): {"k-...": {"tokens_per_minute", "tokens_per_day", '
+        '"tokens_per_month", "requests_per_minute"}}',
+    )
+    default_key_tokens_per_minute: int | None = Field(None, ge=1, description="for keys without their own limits")
+    default_key_tokens_per_day: int | None = Field(
+        None, ge=1, description="for keys without their own; unset = no limit"
+    )
+    default_key_tokens_per_month: int | None = Field(None, ge=1)
+    default_key_requests_per_minute: int | None = Field(None, ge=1)
+    budget_clamp_factor: float | None = Field(
+        None, gt=0, description="max_tokens <= factor x the estimated answer length (never above the client's)"
+    )
+    budget_clamp_min_tokens: int = Field(16, ge=1, description="the clamp never goes below this")
+    budget_default_max_tokens: int = Field(
+        4096, ge=1, description="answer cap (and reservation) of a limited key's request without max_tokens"
+    )
+    budget_hint_routes: list[str] = Field(
+        default_factory=list, description="requested models whose prompts state the token budget (TALE); off"
+    )
+
     @field_validator("admin_token")
     @classmethod
     def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -127,6 +150,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _valid_policy(self) -> Settings:
         self.cache_policy()  # validates the per-model / per-namespace thresholds
+        self.budget_policy()  # validates the key ids
         self.cascade_policy().check_models(self.local_models)
         for name in self.used_local_models():
             try:
@@ -148,6 +172,19 @@ class Settings(BaseSettings):
             default_route=self.cascade_default_route,
             max_tokens=self.local_max_tokens,
         )
+
+    def budget_policy(self) -> BudgetPolicy:
+        """The initial run-time budget policy."""
+        default = KeyLimits(
+            tokens_per_minute=self.default_key_tokens_per_minute, tokens_per_day=self.default_key_tokens_per_day,
+            tokens_per_month=self.default_key_tokens_per_month,
+            requests_per_minute=self.default_key_requests_per_minute,
+        )  # fmt: skip
+        return BudgetPolicy(
+            keys=self.key_limits, default=default, clamp_factor=self.budget_clamp_factor,
+            clamp_min_tokens=self.budget_clamp_min_tokens, default_max_tokens=self.budget_default_max_tokens,
+            hint_routes=self.budget_hint_routes,
+        )  # fmt: skip
 
     def used_local_models(self) -> list[str]:
         """The local models some route (or the embedded default) needs: only these are loaded."""

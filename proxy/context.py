@@ -14,19 +14,41 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxy.errors import InvalidRequest
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_WHOLE = re.compile(r"^[0-9]{1,12}$")
 ANONYMOUS = "anonymous"
 SHARED = "shared"
 
 
-def tenant_of(headers: Mapping[str, str], shared: bool = False) -> str:
-    """The tenant: a hash of the caller's API key (the key itself is never stored), or 'anonymous'."""
-    if shared:
-        return SHARED
+def key_id(api_key: str) -> str:
+    """The id of an API key: a hash (the key itself is never stored). Budgets are configured by this id."""
+    return "k-" + hashlib.sha256(b"cachecade-tenant:" + api_key.encode()).hexdigest()[:24]
+
+
+def key_id_of(headers: Mapping[str, str]) -> str:
+    """The id of the caller's API key (Authorization: Bearer, or api-key), or 'anonymous'."""
     auth = headers.get("authorization", "")
     key = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("api-key", "").strip()
-    if not key:
-        return ANONYMOUS
-    return "k-" + hashlib.sha256(b"cachecade-tenant:" + key.encode()).hexdigest()[:24]
+    return key_id(key) if key else ANONYMOUS
+
+
+def tenant_of(headers: Mapping[str, str], shared: bool = False) -> str:
+    """The tenant: the caller's key id, 'anonymous', or 'shared' when tenants share the cache."""
+    return SHARED if shared else key_id_of(headers)
+
+
+def token_budget_of(headers: Mapping[str, str]) -> int | None:
+    """The per-request budget from the x-token-budget header: a positive whole number of tokens."""
+    raw = headers.get("x-token-budget")
+    if raw is None:
+        return None
+    value = raw.strip()
+    if not _WHOLE.match(value) or int(value) < 1:
+        raise InvalidRequest(
+            f"x-token-budget must be a positive whole number of tokens, got {raw!r}",
+            param="x-token-budget",
+            code="invalid_header",
+        )
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -71,6 +93,8 @@ class RequestContext:
     request_id: str
     tenant: str
     headers: Mapping[str, str]
+    key_id: str = ANONYMOUS  # whose budget the request counts against
+    token_budget: int | None = None  # the x-token-budget header
     directives: CacheDirectives = field(default_factory=CacheDirectives)
     # Returns once the caller has disconnected; the pipeline cancels upstream work when it does.
     disconnected: Callable[[], Awaitable[None]] | None = None

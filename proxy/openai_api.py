@@ -14,9 +14,9 @@ from starlette.types import Receive
 
 from cache.embedder import DEFAULT_EMBEDDER, PACKAGED_EMBEDDERS
 from cache.keys import Kind
-from proxy.context import CacheDirectives, RequestContext, request_id_of, tenant_of
+from proxy.context import CacheDirectives, RequestContext, key_id_of, request_id_of, tenant_of, token_budget_of
 from proxy.errors import InvalidRequest, NotFound, ProxyError, from_validation
-from proxy.pipeline import Reply
+from proxy.outcome import Reply
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from proxy.services import Services
 
@@ -64,6 +64,8 @@ def context(request: Request, svc: Services) -> RequestContext:
         request_id=request_id_of(request.scope),
         tenant=tenant_of(headers, svc.settings.share_cache_across_tenants),
         headers={k.lower(): v for k, v in headers.items()},
+        key_id=key_id_of(headers),
+        token_budget=token_budget_of(headers),
         directives=CacheDirectives.parse(headers.get("cache-control")),
         disconnected=lambda: _disconnect(request.receive),
     )

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -18,10 +17,13 @@ from cache.errors import CacheError
 from cache.keys import CacheKey, Kind, chat_key, completion_key
 from cache.policy import admissible, uncacheable_reason
 from cache.response_cache import Hit, Lookup, ResponseCache
-from proxy.cascade import Cascade, CascadeResult, LocalAnswer
+from proxy.budget import Ticket
+from proxy.cascade import Budget, Cascade, CascadeResult, LocalAnswer
 from proxy.context import RequestContext
 from proxy.errors import InvalidRequest, ProxyError, ServiceUnavailable, sse_error_event
+from proxy.outcome import Admission, Miss, Outcome, Reply
 from proxy.protocol import CacheOptions, ChatCompletionRequest, CompletionRequest
+from proxy.spending import Spend, SpendPlanner, upstream_usage
 from proxy.streaming import StreamAccumulator, replay_chat, replay_completion
 from proxy.upstream import Upstream
 
@@ -30,73 +32,6 @@ T = TypeVar("T")
 
 _PATHS = {"chat": "chat/completions", "completion": "completions"}
 _ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}
-
-
-@dataclass
-class Outcome:
-    """What happened to a request; rendered as response headers."""
-
-    cache: str = "BYPASS"  # HIT-EXACT | HIT-SEMANTIC | MISS | BYPASS
-    served_by: str = "upstream"  # cache | local:<model> | upstream:<model> | none
-    similarity: float | None = None
-    threshold: float | None = None
-    age: float | None = None
-    entry_id: str | None = None
-    reason: str | None = None  # why the cache was bypassed
-    escalated: list[str] = field(default_factory=list)  # local tiers tried and why they passed it on
-    confidence: float | None = None  # gate score of the local answer served
-    gate: str | None = None  # pass | last-tier (no upstream to escalate to, so not gated)
-
-    def headers(self) -> dict[str, str]:
-        out = {"x-cache": self.cache, "x-served-by": self.served_by}
-        if self.escalated:
-            out["x-escalated"] = ",".join(self.escalated)
-        if self.confidence is not None:
-            out["x-local-confidence"] = f"{self.confidence:.4f}"
-        if self.gate is not None:
-            out["x-local-gate"] = self.gate
-        if self.similarity is not None:
-            out["x-cache-similarity"] = f"{self.similarity:.4f}"
-        if self.threshold is not None:
-            out["x-cache-threshold"] = f"{self.threshold:.4f}"
-        if self.age is not None:
-            out["age"] = str(int(self.age))
-        if self.entry_id is not None:
-            out["x-cache-entry-id"] = self.entry_id
-        if self.reason is not None:
-            out["x-cache-bypass-reason"] = self.reason
-        return out
-
-
-@dataclass(frozen=True)
-class Admission:
-    """What storing a miss's answer needs: the key (None: do not store), the query vector, a per-request TTL."""
-
-    key: CacheKey | None
-    vector: np.ndarray | None
-    ttl: float | None
-
-
-@dataclass(frozen=True)
-class Miss:
-    """One request that the cache did not answer, with what its answer needs: how to reach the caller, what
-    the cache did (rendered as headers) and how to store the answer."""
-
-    kind: Kind
-    request: ChatCompletionRequest | CompletionRequest
-    body: Mapping[str, Any]
-    ctx: RequestContext
-    outcome: Outcome
-    admission: Admission
-
-
-@dataclass
-class Reply:
-    """A JSON body or an SSE byte stream, with its outcome."""
-
-    outcome: Outcome
-    body: dict[str, Any] | None = None
-    stream: AsyncIterator[bytes] | None = None
 
 
 class ClientDisconnected(ProxyError):
@@ -140,10 +75,13 @@ def _reply(
 class CompletionPipeline:
     """Serves chat and legacy completions: cache tiers first, then the upstream."""
 
-    def __init__(self, cache: ResponseCache, upstream: Upstream | None, cascade: Cascade) -> None:
+    def __init__(self, cache: ResponseCache, upstream: Upstream | None, cascade: Cascade, spending: SpendPlanner
+                 ) -> None:  # fmt: skip
         self.cache = cache
         self.upstream = upstream
         self.cascade = cascade
+        self.spending = spending
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def run(
         self,
@@ -152,7 +90,24 @@ class CompletionPipeline:
         body: Mapping[str, Any],
         ctx: RequestContext,
     ) -> Reply:
-        """Answer one request."""
+        """Answer one request (a 429 first when the caller's key is over its request rate)."""
+        ticket = await self.spending.budgets.open(ctx.key_id)
+        try:
+            reply = await self._run(kind, request, body, ctx, ticket)
+        except ProxyError as exc:
+            exc.headers = {**ticket.headers(self.cache.clock()), **exc.headers}
+            raise
+        reply.outcome.budget.update(ticket.headers(self.cache.clock()))
+        return reply
+
+    async def _run(
+        self,
+        kind: Kind,
+        request: ChatCompletionRequest | CompletionRequest,
+        body: Mapping[str, Any],
+        ctx: RequestContext,
+        ticket: Ticket,
+    ) -> Reply:
         options = request.cache or CacheOptions()
         key = (chat_key if kind == "chat" else completion_key)(body, ctx.tenant, options.namespace)
         lookup = Lookup(ctx.directives.max_age, request.token_limit(), options.threshold)
@@ -167,7 +122,7 @@ class CompletionPipeline:
         storable = outcome.reason in (None, "no-cache") and not ctx.directives.no_store
         admission = Admission(key if storable else None, vector, options.ttl)
         try:
-            return await self._answer(Miss(kind, request, body, ctx, outcome, admission))
+            return await self._answer(Miss(kind, request, body, ctx, outcome, admission, key, ticket))
         except ProxyError as exc:  # errors say what the cache did too
             exc.headers = {**outcome.headers(), **exc.headers}
             raise
@@ -205,21 +160,56 @@ class CompletionPipeline:
         response = {**hit.entry.response, "id": _ID_PREFIX[kind] + uuid.uuid4().hex, "created": int(now)}
         return _reply(kind, request, response, outcome)
 
+    async def _plan(self, miss: Miss) -> Spend:
+        """Estimate the answer's length, cap it and reserve it against the key's budget (429 when short)."""
+        request, ctx = miss.request, miss.ctx
+        estimate = await self.spending.estimate(miss.key, miss.admission.vector)
+        miss.outcome.budget.update(estimate.headers())
+        budgets = [b for b in (ctx.token_budget, request.token_budget) if b is not None]
+        spend = await self.spending.plan(
+            miss.kind, miss.body, request.model, request.token_limit(), min(budgets, default=None), miss.ticket,
+            estimate,
+        )  # fmt: skip
+        miss.outcome.budget.update(spend.headers())
+        return spend
+
     async def _answer(self, miss: Miss) -> Reply:
-        """The cascade's local tiers when the requested model has a route, else (or then) the upstream."""
+        """The cascade's local tiers when the requested model has a route, else (or then) the upstream. What the
+        answer cost replaces the key's reservation; a failure refunds it."""
+        spend = await self._plan(miss)
+        try:
+            return await self._cascade(miss, spend)
+        except BaseException:
+            await self._settle(spend, 0)
+            raise
+
+    async def _cascade(self, miss: Miss, spend: Spend) -> Reply:
+        body = self.spending.apply(miss.kind, miss.body, spend)
         route = self.cascade.route(miss.request.model, self.upstream is not None)
         if route is None:
-            return await self._from_upstream(miss, None)
-        work = self.cascade.run(miss.kind, miss.body, route, miss.request.token_limit())
+            return await self._from_upstream(miss, None, body, spend)
+        work = self.cascade.run(miss.kind, body, route, spend.cap, Budget(spend.budget, spend.estimate.tokens))
         result = await cancel_on_disconnect(work, miss.ctx.disconnected)
+        self.spending.stats.local_spent += result.local_tokens
         miss.outcome.escalated = result.tried
         if result.answer is not None:
-            return await self._from_local(miss, result.answer)
+            return await self._from_local(miss, result.answer, spend)
         if result.upstream is None:
             raise _exhausted(result)
-        return await self._from_upstream(miss, result.upstream.upstream_model)
+        return await self._from_upstream(miss, result.upstream.upstream_model, body, spend)
 
-    async def _from_local(self, miss: Miss, answer: LocalAnswer) -> Reply:
+    async def _settle(self, spend: Spend, spent: int) -> None:
+        """Shielded: a caller leaving must not leave the reservation standing."""
+        try:
+            await asyncio.shield(self.spending.settle(spend, spent))
+        except CacheError as exc:  # the answer stands; the counters are off by this request
+            log.warning("could not settle token budget: %s", exc)
+
+    async def _from_local(self, miss: Miss, answer: LocalAnswer, spend: Spend) -> Reply:
+        g, stats = answer.generation, self.spending.stats
+        stats.local_prompt += g.prompt_tokens
+        stats.local_completion += g.completion_tokens
+        await self._settle(spend, g.prompt_tokens + g.completion_tokens)
         response = answer.response(miss.kind)
         outcome = miss.outcome
         outcome.served_by = f"local:{answer.tier}"
@@ -238,13 +228,13 @@ class CompletionPipeline:
             )
         return self.upstream
 
-    async def _from_upstream(self, miss: Miss, model: str | None) -> Reply:
+    async def _from_upstream(self, miss: Miss, model: str | None, body: Mapping[str, Any], spend: Spend) -> Reply:
         """Forward the request (as `model` when a route names one); relay a stream, store a complete answer."""
         outcome, path = miss.outcome, _PATHS[miss.kind]
         if self.upstream is None:
             outcome.served_by = "none"
         upstream = self._upstream()
-        forwarded = {k: v for k, v in miss.body.items() if k != "cache"}
+        forwarded = dict(body)
         if model is not None:
             forwarded["model"] = model
         outcome.served_by = f"upstream:{forwarded.get('model')}"
@@ -252,18 +242,29 @@ class CompletionPipeline:
         if miss.request.stream:
             stack = AsyncExitStack()
             chunks = await stack.enter_async_context(upstream.stream(path, forwarded, headers))
-            return Reply(outcome, stream=self._pass_through(miss.kind, chunks, stack, miss.admission))
+            return Reply(outcome, stream=self._pass_through(miss.kind, chunks, stack, miss.admission, spend))
         payload = await cancel_on_disconnect(upstream.post(path, forwarded, headers), miss.ctx.disconnected)
+        await self._settle(spend, self._count_upstream(payload, spend))
         outcome.entry_id = await self._store(miss.admission, payload)
         return Reply(outcome, body=payload)
 
+    def _count_upstream(self, payload: Mapping[str, Any], spend: Spend) -> int:
+        prompt, completion, reported = upstream_usage(payload, self.spending.counter, spend.prompt_tokens)
+        stats = self.spending.stats
+        stats.upstream_prompt += prompt
+        stats.upstream_completion += completion
+        stats.upstream_unreported += not reported
+        return prompt + completion
+
     async def _pass_through(
-        self, kind: Kind, chunks: AsyncIterator[bytes], stack: AsyncExitStack, admission: Admission
+        self, kind: Kind, chunks: AsyncIterator[bytes], stack: AsyncExitStack, admission: Admission, spend: Spend
     ) -> AsyncIterator[bytes]:
         """Relay upstream bytes unchanged; once [DONE] has arrived, store the answer before relaying [DONE].
-        A client that goes away cancels this generator, which closes the upstream connection."""
+        A client that goes away cancels this generator, which closes the upstream connection. The key pays for
+        the answer's usage, or our count of its text, or (cut short) the whole reservation."""
         accumulator = StreamAccumulator(kind)
         stored = False
+        spent = spend.prompt_tokens + (spend.cap or 0)
         try:
             async for chunk in chunks:
                 answer = None
@@ -274,12 +275,16 @@ class CompletionPipeline:
                     accumulator.failed = True
                 if answer is not None:
                     stored = True
+                    spent = self._count_upstream(answer, spend)
                     await self._store(admission, answer)
                 yield chunk
         except ProxyError as exc:
             yield sse_error_event(exc)
         finally:
             await stack.aclose()
+            task = asyncio.get_running_loop().create_task(self._settle(spend, spent))
+            self._settling.add(task)  # kept until done: the loop holds tasks only weakly
+            task.add_done_callback(self._settling.discard)
 
     async def _store(self, admission: Admission, payload: Mapping[str, Any], tier: str = "upstream") -> str | None:
         if admission.key is None or not admissible(payload, self.cache.policy):

@@ -47,6 +47,7 @@ class _Generation(_Lenient):
     n: Annotated[int, Field(strict=True, ge=1, le=128)] | None = None
     max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
     cache: CacheOptions | None = None
+    token_budget: Annotated[int, Field(strict=True, ge=1)] | None = None  # like x-token-budget; never forwarded
 
 
 class ChatCompletionRequest(_Generation):

@@ -10,6 +10,7 @@ from cache.response_cache import ResponseCache
 from proxy.cascade import Cascade
 from proxy.config import Settings
 from proxy.pipeline import CompletionPipeline
+from proxy.spending import SpendPlanner
 from proxy.upstream import Upstream
 
 
@@ -23,4 +24,5 @@ class Services:
     upstream: Upstream | None
     pipeline: CompletionPipeline
     cascade: Cascade
+    spending: SpendPlanner
     started_at: float = field(default_factory=time.time)

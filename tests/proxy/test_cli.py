@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -101,3 +102,15 @@ def test_calibrate_runs_on_the_int8_embedder(
     assert main(["calibrate", "--pairs", str(path), "--backend", "onnx-int8", "--model-cache", str(model_cache),
                  "--json", str(out)]) == 0  # fmt: skip
     assert json.loads(out.read_text())["embedder"] == "all-MiniLM-L6-v2+int8"
+
+
+def test_key_id_prints_the_id_budgets_use(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.context import key_id
+
+    assert main(["key-id", "sk-alice-0123456789"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == key_id("sk-alice-0123456789") and printed.startswith("k-") and len(printed) == 26
+    monkeypatch.setattr("sys.stdin", io.StringIO("sk-alice-0123456789\n"))
+    assert main(["key-id"]) == 0 and capsys.readouterr().out.strip() == printed
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert main(["key-id"]) == 2

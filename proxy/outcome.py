@@ -1,0 +1,85 @@
+"""What the pipeline hands back: the outcome of a request (rendered as response headers), a miss with what its
+answer needs, and the reply (JSON or an SSE stream)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cache.keys import CacheKey, Kind
+from proxy.budget import Ticket
+from proxy.context import RequestContext
+from proxy.protocol import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class Outcome:
+    """What happened to a request; rendered as response headers."""
+
+    cache: str = "BYPASS"  # HIT-EXACT | HIT-SEMANTIC | MISS | BYPASS
+    served_by: str = "upstream"  # cache | local:<model> | upstream:<model> | none
+    similarity: float | None = None
+    threshold: float | None = None
+    age: float | None = None
+    entry_id: str | None = None
+    reason: str | None = None  # why the cache was bypassed
+    escalated: list[str] = field(default_factory=list)  # local tiers tried and why they passed it on
+    confidence: float | None = None  # gate score of the local answer served
+    gate: str | None = None  # pass | last-tier (no upstream to escalate to, so not gated)
+    budget: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, x-token-estimate, x-token-cap
+
+    def headers(self) -> dict[str, str]:
+        out = {"x-cache": self.cache, "x-served-by": self.served_by, **self.budget}
+        if self.escalated:
+            out["x-escalated"] = ",".join(self.escalated)
+        if self.confidence is not None:
+            out["x-local-confidence"] = f"{self.confidence:.4f}"
+        if self.gate is not None:
+            out["x-local-gate"] = self.gate
+        if self.similarity is not None:
+            out["x-cache-similarity"] = f"{self.similarity:.4f}"
+        if self.threshold is not None:
+            out["x-cache-threshold"] = f"{self.threshold:.4f}"
+        if self.age is not None:
+            out["age"] = str(int(self.age))
+        if self.entry_id is not None:
+            out["x-cache-entry-id"] = self.entry_id
+        if self.reason is not None:
+            out["x-cache-bypass-reason"] = self.reason
+        return out
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What storing a miss's answer needs: the key (None: do not store), the query vector, a per-request TTL."""
+
+    key: CacheKey | None
+    vector: np.ndarray | None
+    ttl: float | None
+
+
+@dataclass(frozen=True)
+class Miss:
+    """One request that the cache did not answer, with what its answer needs: how to reach the caller, what
+    the cache did (rendered as headers) and how to store the answer."""
+
+    kind: Kind
+    request: ChatCompletionRequest | CompletionRequest
+    body: Mapping[str, Any]
+    ctx: RequestContext
+    outcome: Outcome
+    admission: Admission
+    key: CacheKey
+    ticket: Ticket
+
+
+@dataclass
+class Reply:
+    """A JSON body or an SSE byte stream, with its outcome."""
+
+    outcome: Outcome
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[bytes] | None = None
