@@ -9,6 +9,7 @@ last number. Strategies:
              hold after answering them; the prompt-based guess where none is near;
   hint       TALE: "use less than <estimate> tokens" after the question (local_models.budget.with_hint);
   hint+clamp both;
+  direct     no worked solution: "answer with just the final number" (the extreme budget);
   vote@B     self-consistency under a budget of B = 3 x ceil(1.5 x estimate) tokens per problem: the samples
              local_models.budget.plan_decoding affords (up to 3), first greedy, then temperature 0.7, majority vote
              on the last number, early stop once the vote is decided.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import random
 import tempfile
@@ -56,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PLOT = ROOT / "docs" / "budget_pareto.png"
 DATASETS = {"gsm8k": "gsm8k/test.jsonl", "svamp": "svamp/SVAMP.json"}
 SYSTEM = "Solve the problem. Reason briefly, step by step, then give the final answer as a number."
+DIRECT = "Answer with just the final number, no explanation."
 MAX_TOKENS = 256
 CLAMP_MIN = 16
 VOTE_K = 3
@@ -78,8 +81,8 @@ def correct(text: str, item: QAItem) -> bool:
     return value is not None and item.number is not None and abs(float(value) - item.number) < 1e-6
 
 
-def chat(question: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+def chat(question: str, system: str = SYSTEM) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
 # --- estimates ------------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ def chat(question: str) -> list[dict[str, str]]:
 
 def estimates(items: Sequence[QAItem], lengths: Sequence[int], vectors: np.ndarray) -> list[tuple[int, str]]:
     """Per problem, the proxy's estimate from the other problems' answer lengths (leave one out)."""
-    out = []
+    out: list[tuple[int, str]] = []
     similarities = vectors @ vectors.T
     for i, item in enumerate(items):
         order = [j for j in np.argsort(-similarities[i]) if j != i][:NEIGHBOURS]
@@ -109,8 +112,9 @@ def generate(engine: LlamaEngine, messages: list[dict[str, str]], sampling: Samp
     return engine.generate(engine.chat_prompt(messages), sampling)
 
 
-def local_answer(engine: LlamaEngine, item: QAItem, max_tokens: int, hint: int | None = None) -> Answer:
-    messages = chat(item.question)
+def local_answer(engine: LlamaEngine, item: QAItem, max_tokens: int, hint: int | None = None,
+                 system: str = SYSTEM) -> Answer:  # fmt: skip
+    messages = chat(item.question, system)
     if hint is not None:
         messages = with_hint("chat", {"messages": messages}, hint)["messages"]
     g = generate(engine, messages, Sampling(max_tokens))
@@ -141,9 +145,10 @@ def local_vote(engine: LlamaEngine, item: QAItem, estimate: int) -> Answer:
     return Answer(correct(chosen, item), tokens, ms, "stop", chosen)
 
 
-def run_local(items: Sequence[QAItem], vectors: np.ndarray, factors: Sequence[float], verify: int
+def run_local(items: Sequence[QAItem], vectors: np.ndarray, factors: Sequence[float], verify: int, threads: int
               ) -> tuple[dict[str, list[Answer]], list[tuple[int, str]], dict[str, Any]]:  # fmt: skip
-    engine = LlamaEngine.load("smollm2", default_local_models()["smollm2"], MODEL_CACHE)
+    config = default_local_models()["smollm2"].model_copy(update={"threads": threads})
+    engine = LlamaEngine.load("smollm2", config, MODEL_CACHE)
     out: dict[str, list[Answer]] = {"none": []}
     for done, item in enumerate(items, 1):
         out["none"].append(local_answer(engine, item, MAX_TOKENS))
@@ -159,6 +164,7 @@ def run_local(items: Sequence[QAItem], vectors: np.ndarray, factors: Sequence[fl
     best = factors[len(factors) // 2]
     out[f"hint+clamp@{best:g}"] = [cut(engine, a, it, cap(e, best)) for a, it, (e, _) in
                                    zip(out["hint"], items, est, strict=True)]  # fmt: skip
+    out["direct"] = [local_answer(engine, it, MAX_TOKENS, system=DIRECT) for it in items]
     out["vote@3x1.5est"] = [local_vote(engine, it, e) for it, (e, _) in zip(items, est, strict=True)]
     say("  vote done")
     return out, est, checked
@@ -269,23 +275,51 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--upstream", help="OpenAI-compatible base URL (default: start Gemma 3 270M behind cachecade)")
     p.add_argument("--upstream-model", default="cachecade/auto")
     p.add_argument("--no-upstream", action="store_true", help="measure the local model only")
+    p.add_argument("--datasets", default=",".join(DATASETS), help="which data sets (default gsm8k,svamp)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads of the local model (default 2)")
+    p.add_argument("--out", default="budget", help="result name under bench/results (default budget)")
+    p.add_argument("--merge", nargs="+", help="combine result files of runs per data set into --out, and plot")
     return p.parse_args(argv)
+
+
+def merge(paths: Sequence[str], out: str) -> int:
+    """One report (table, JSON, plot) from runs made per data set, e.g. side by side on the two cores."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {**reports[0], "runs": [r["args"] for r in reports]}
+    for key in ("rows",):
+        merged[key] = [row for r in reports for row in r[key]]
+    for key in ("estimate_sources", "clamp_checks"):
+        merged[key] = {k: v for r in reports for k, v in r[key].items()}
+    merged["answers"] = {}
+    for r in reports:
+        for model, by_dataset in r["answers"].items():
+            merged["answers"].setdefault(model, {}).update(by_dataset)
+    merged["rows"].sort(key=lambda row: (row["model"], row["dataset"]))
+    text = render(merged["rows"])
+    print(text)
+    write_json(out, merged)
+    (RESULTS / f"{out}.txt").write_text(text + "\n")
+    plot(merged["rows"], PLOT)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = arguments(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     factors = [float(f) for f in args.factors.split(",")]
     embedder = load_embedder("all-MiniLM-L6-v2", "onnx", MODEL_CACHE)
     results: dict[str, dict[str, dict[str, list[Answer]]]] = {"smollm2": {}, "upstream": {}}
     checks, sources = {}, {}
     items_by: dict[str, list[QAItem]] = {}
-    for name, relative in DATASETS.items():
-        items = load_qa(args.data / relative)
+    for name in args.datasets.split(","):
+        items = load_qa(args.data / DATASETS[name])
         random.Random(args.seed).shuffle(items)
         items_by[name] = items[: args.n]
         vectors = np.asarray(embedder.encode([it.question for it in items_by[name]]), dtype=np.float32)
         say(f"{name}: {args.n} problems, local model")
-        results["smollm2"][name], est, checks[name] = run_local(items_by[name], vectors, factors, args.verify)
+        results["smollm2"][name], est, checks[name] = run_local(items_by[name], vectors, factors, args.verify,
+                                                                args.threads)  # fmt: skip
         sources[name] = {s: sum(1 for _, src in est if src == s) for s in ("neighbours", "prompt")}
         if not args.no_upstream:
             say(f"{name}: upstream")
@@ -299,9 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "estimate_sources": sources, "clamp_checks": checks,
               "answers": {m: {d: {s: [asdict(replace(a, text=a.text[:200])) for a in v] for s, v in by.items()}
                               for d, by in ds.items()} for m, ds in results.items()}}  # fmt: skip
-    write_json("budget", report)
-    (RESULTS / "budget.txt").write_text(text + "\n")
-    plot(table, PLOT)
+    write_json(args.out, report)
+    (RESULTS / f"{args.out}.txt").write_text(text + "\n")
+    if args.out == "budget":
+        plot(table, PLOT)
     return 0
 
 
@@ -310,7 +345,9 @@ async def upstream(args: argparse.Namespace, items: Sequence[QAItem], est: Seque
     if args.upstream:
         return await run_upstream(args.upstream.rstrip("/"), args.upstream_model, items, est, factor)
     with tempfile.TemporaryDirectory() as tmp:
-        process, url = serve(Path(tmp), "upstream", big_upstream_settings())
+        gemma = default_local_models()["gemma3"].model_copy(update={"threads": args.threads})
+        settings = {**big_upstream_settings(), "local_models": json.dumps({"gemma3": gemma.model_dump(mode="json")})}
+        process, url = serve(Path(tmp), "upstream", settings)
         try:
             return await run_upstream(f"{url}/v1", args.upstream_model, items, est, factor)
         finally:

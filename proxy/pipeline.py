@@ -157,6 +157,8 @@ class CompletionPipeline:
         outcome.similarity = hit.similarity
         outcome.age = hit.entry.age(now)
         outcome.entry_id = hit.entry.id
+        # What the hit saved, never counted against a budget (the key pays nothing for it).
+        outcome.budget["x-tokens-saved"] = str(hit.entry.prompt_tokens + max(0, hit.entry.completion_tokens))
         response = {**hit.entry.response, "id": _ID_PREFIX[kind] + uuid.uuid4().hex, "created": int(now)}
         return _reply(kind, request, response, outcome)
 

@@ -56,6 +56,7 @@ async def test_cache_hits_cost_nothing(make_client, upstream: FakeUpstream) -> N
         hit = await client.post("/v1/chat/completions", json=chat("What is the capital of France?"),
                                 headers=as_key(ALICE))  # fmt: skip
         assert hit.headers["x-cache"] == "HIT-EXACT" and hit.headers["x-ratelimit-remaining-tokens"] == "982"
+        assert hit.headers["x-tokens-saved"] == "18"
         stats = (await client.get("/admin/stats", headers=ADMIN_HEADERS)).json()["tokens"]
     assert stats["saved_by_cache"] == 18 and stats["upstream_prompt"] == 11 and stats["upstream_completion"] == 7
 
