@@ -10,6 +10,7 @@ cost, shown in /admin/stats but not billed to the key.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -19,8 +20,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cache.counters import Count, CounterStore
+from cache.errors import StoreError
 from proxy.errors import ProxyError
 
+log = logging.getLogger("cachecade.budget")
 Window = Literal["minute", "day", "month"]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 _KEY_ID = re.compile(r"^(k-[0-9a-f]{24}|anonymous)$")
@@ -160,6 +163,7 @@ class Budgets:
         self.counters = counters
         self.policy = policy
         self.clock = clock
+        self.errors = 0  # counter operations that failed (the requests went on unmetered)
 
     def _usage(self, key_id: str, what: Literal["tokens", "requests"], window: Window, limit: int) -> Usage:
         label, end = window_span(window, self.clock())
@@ -185,9 +189,23 @@ class Budgets:
         await self._read([*ticket.tokens, *([ticket.requests] if ticket.requests else [])])
         return ticket
 
+    def _failed_open(self, ticket: Ticket, exc: StoreError) -> Ticket:
+        """Fail open: counters we cannot reach limit nothing (the request goes on, unmetered, without headers)."""
+        self.errors += 1
+        log.warning("budget counters unavailable, %s not metered: %s", ticket.key_id, exc)
+        ticket.tokens, ticket.requests, ticket.reserved = [], None, 0
+        return ticket
+
     async def open(self, key_id: str) -> Ticket:
         """Count the request against the key's request rate (429 when over it) and read its token usage."""
         ticket = self._ticket(key_id)
+        try:
+            await self._open(ticket)
+        except StoreError as exc:
+            return self._failed_open(ticket, exc)
+        return ticket
+
+    async def _open(self, ticket: Ticket) -> None:
         rpm = ticket.requests
         if rpm is not None:
             ok, (used,) = await self.counters.add([Count(rpm.key, 1, rpm.limit, rpm.resets_at)], check=True)
@@ -196,14 +214,17 @@ class Budgets:
                 await self._read(ticket.tokens)  # the 429's token headers tell the truth too
                 raise self._refusal(ticket, rpm, 1, "requests")
         await self._read(ticket.tokens)
-        return ticket
 
     async def reserve(self, ticket: Ticket, tokens: int) -> None:
         """Reserve tokens in every window at once, or raise RateLimited naming the window that is short."""
         if not ticket.tokens:
             return
         counts = [Count(u.key, tokens, u.limit, u.resets_at) for u in ticket.tokens]
-        ok, values = await self.counters.add(counts, check=True)
+        try:
+            ok, values = await self.counters.add(counts, check=True)
+        except StoreError as exc:
+            self._failed_open(ticket, exc)
+            return
         for usage, used in zip(ticket.tokens, values, strict=True):
             usage.used = used
         if not ok:
@@ -217,8 +238,14 @@ class Budgets:
         delta, ticket.reserved = spent - ticket.reserved, 0
         if not ticket.tokens or delta == 0:
             return
-        values = await self.counters.add([Count(u.key, delta, None, u.resets_at) for u in ticket.tokens], check=False)
-        for usage, used in zip(ticket.tokens, values[1], strict=True):
+        try:
+            _, values = await self.counters.add([Count(u.key, delta, None, u.resets_at) for u in ticket.tokens],
+                                                check=False)  # fmt: skip
+        except StoreError as exc:
+            self.errors += 1
+            log.warning("budget counters unavailable, %d tokens of %s not settled: %s", delta, ticket.key_id, exc)
+            return
+        for usage, used in zip(ticket.tokens, values, strict=True):
             usage.used = used
 
     def _refusal(self, ticket: Ticket, usage: Usage, asked: int, what: str) -> RateLimited:

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from cache.counters import SQLiteCounters
+from cache.errors import StoreError
 from proxy.budget import BudgetPolicy, Budgets, KeyLimits, RateLimited, Ticket, duration, window_span
 
 KEY_A = "k-" + "a" * 24
@@ -308,3 +309,30 @@ async def test_ticket_headers_report_the_tightest_token_window(counters: SQLiteC
 
 def test_ticket_without_limits_has_no_headers() -> None:
     assert Ticket(KEY_A, KeyLimits()).headers(T0) == {}
+
+
+class BrokenCounters:
+    """A counter store whose server is gone: every call fails the way a real one does."""
+
+    async def add(self, counts: object, *, check: bool) -> tuple[bool, list[int]]:
+        raise StoreError("connection refused")
+
+    async def get(self, keys: object) -> list[int]:
+        raise StoreError("connection refused")
+
+    async def purge(self, now: float) -> int:
+        raise StoreError("connection refused")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_unreachable_counters_fail_open(clock: Clock) -> None:
+    budgets = Budgets(BrokenCounters(), BudgetPolicy(default=KeyLimits(tokens_per_day=10, requests_per_minute=1)),
+                      clock)  # fmt: skip
+    for _ in range(3):  # past both limits: nothing is refused, nothing is metered, no headers claim a standing
+        ticket = await budgets.open(KEY_A)
+        await budgets.reserve(ticket, 500)
+        await budgets.settle(ticket, 600)
+        assert ticket.headers(clock()) == {} and ticket.remaining_tokens is None
+    assert budgets.errors == 3
