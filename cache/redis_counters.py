@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from cache.counters import Count
 from cache.errors import StoreError
+
+if TYPE_CHECKING:
+    from cache.redis_store import Breaker
 
 T = TypeVar("T")
 
@@ -49,10 +53,12 @@ class RedisCounters:
 
     The store owns `client` and closes it in `close`."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "cachecade:") -> None:
-        self._client = client
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str = "cachecade:",
+                 breaker: Breaker | None = None) -> None:  # fmt: skip
+        self._client: Any = client  # Any: see RedisStore.client
         self._prefix = prefix
         self._add_script = client.register_script(_ADD)
+        self._breaker = breaker  # shared with the RedisStore on the same server: fail fast while it is down
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "cachecade:") -> RedisCounters:
@@ -60,6 +66,8 @@ class RedisCounters:
         return cls(redis.Redis.from_url(url), prefix)
 
     async def _run(self, call: Awaitable[T]) -> T:
+        if self._breaker is not None:
+            return await self._breaker.run(call)
         try:
             return await call
         except (RedisError, OSError) as exc:  # OSError covers the builtin ConnectionError and TimeoutError

@@ -65,6 +65,7 @@ async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     policy = await _merged(request, svc.cache.policy)
     _log_change("cache policy", svc.cache.policy, policy)
     svc.cache.policy = policy
+    await svc.publish("cache", policy)
     return policy.model_dump()
 
 
@@ -85,6 +86,7 @@ async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
         raise InvalidRequest(str(exc), param="routes") from None
     _log_change("cascade policy", svc.cascade.policy, policy)
     svc.cascade.policy = policy
+    await svc.publish("cascade", policy)
     return await get_cascade(svc)
 
 
@@ -102,6 +104,7 @@ async def put_budgets(request: Request, svc: Admin) -> dict[str, Any]:
     policy = await _merged(request, budgets.policy)
     _log_change("budget policy", budgets.policy, policy)
     budgets.policy = policy
+    await svc.publish("budgets", policy)
     return policy.model_dump()
 
 

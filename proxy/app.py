@@ -8,19 +8,27 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
 
-from cache.counters import SQLiteCounters
+from cache.counters import CounterStore, SQLiteCounters
 from cache.embedder import AsyncEmbedder, Embedder, load_embedder
+from cache.errors import CacheError
+from cache.follower import Follower
 from cache.index import VectorIndex
+from cache.policy import CachePolicy
+from cache.redis_counters import RedisCounters
+from cache.redis_store import RedisStore
 from cache.response_cache import ResponseCache
 from cache.sqlite_store import SQLiteStore
+from cache.store import EntryStore
+from local_models.cascade import CascadePolicy
 from local_models.engine import LlamaEngine
 from local_models.worker import ModelWorker
 from proxy import admin, health, openai_api
-from proxy.budget import Budgets
+from proxy.budget import BudgetPolicy, Budgets
 from proxy.cascade import Cascade
 from proxy.config import Settings
 from proxy.context import RequestIdMiddleware
@@ -51,13 +59,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await _start(settings, embedder, upstream_transport, engines)
         app.state.services = services
-        upkeep = asyncio.create_task(_upkeep(services))
+        tasks = [asyncio.create_task(_upkeep(services))]
+        if services.follower is not None:
+            tasks.append(asyncio.create_task(services.follower.run()))
         try:
             yield
         finally:
-            upkeep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await upkeep
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await _stop(services)
 
     app = FastAPI(title="cachecade", version="0.1.0", lifespan=lifespan)
@@ -95,11 +106,17 @@ async def _start(
             settings.embedder_threads,
         )  # fmt: skip
     async_embedder = AsyncEmbedder(model)
-    store = await SQLiteStore.open(settings.data_dir / "cache.sqlite3")
+    store, counters = await _open_stores(settings)
     cache = ResponseCache(store, VectorIndex(model.dim, settings.hnsw_threshold), async_embedder,
                           settings.cache_policy())  # fmt: skip
-    loaded = await cache.rebuild_index()
-    log.info("cache ready: %d vectors indexed from %s (embedder %s)", loaded, settings.data_dir, model.model_id)
+    follower = None
+    if isinstance(store, RedisStore):
+        follower = Follower(store, cache, lambda name, fields: None)  # on_policy is set once services exist
+        loaded = await follower.start()
+        await _check_embedders(store, model.model_id)
+    else:
+        loaded = await cache.rebuild_index()
+    log.info("cache ready: %d vectors indexed (embedder %s)", loaded, model.model_id)
     upstream = None
     if settings.upstream_base_url is not None:
         key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
@@ -114,11 +131,51 @@ async def _start(
     cascade = Cascade(await _load_engines(settings, engines), settings.cascade_policy())
     if settings.admin_token is None:
         log.info("admin API disabled: set CACHECADE_ADMIN_TOKEN to enable /admin")
-    counters = await SQLiteCounters.open(settings.data_dir / "budgets.sqlite3", cache.clock)
     budgets = Budgets(counters, settings.budget_policy(), cache.clock)
     spending = SpendPlanner(budgets, await asyncio.to_thread(TokenCounter), cache)
     pipeline = CompletionPipeline(cache, upstream, cascade, spending)
-    return Services(settings, async_embedder, cache, upstream, pipeline, cascade, spending)
+    services = Services(settings, async_embedder, cache, upstream, pipeline, cascade, spending, follower)
+    if follower is not None:
+        follower.on_policy = lambda name, fields: apply_policy(services, name, fields)
+    return services
+
+
+async def _open_stores(settings: Settings) -> tuple[EntryStore, CounterStore]:
+    """Redis (shared by every replica) when CACHECADE_REDIS_URL is set, else SQLite files in the data dir."""
+    if settings.redis_url:
+        shared = RedisStore.from_url(settings.redis_url, cluster=settings.redis_cluster, prefix=settings.redis_prefix,
+                                    timeout_s=settings.redis_timeout_s)  # fmt: skip
+        log.info("shared store: Redis%s (prefix %s)", " Cluster" if settings.redis_cluster else "", shared.prefix)
+        return shared, RedisCounters(shared.client, shared.prefix, shared.breaker)
+    store = await SQLiteStore.open(settings.data_dir / "cache.sqlite3")
+    counters = await SQLiteCounters.open(settings.data_dir / "budgets.sqlite3", time.time)
+    log.info("embedded store in %s", settings.data_dir)
+    return store, counters
+
+
+async def _check_embedders(store: RedisStore, mine: str) -> None:
+    """Vectors of another embedder are never mixed into this replica's index: say so when Redis holds some."""
+    try:
+        others = await store.embedder_ids() - {mine}
+    except CacheError:
+        return
+    if others:
+        log.warning("Redis holds entries embedded by %s; this replica embeds with %s and indexes only its own "
+                    "(the others still serve exact hits and stay for replicas with that embedder)",
+                    ", ".join(sorted(others)), mine)  # fmt: skip
+
+
+def apply_policy(services: Services, name: str, fields: dict[str, Any]) -> None:
+    """A policy change another replica made through its admin API (raises ValueError when it does not fit)."""
+    if name == "cache":
+        services.cache.policy = CachePolicy.model_validate(fields)
+    elif name == "cascade":
+        policy = CascadePolicy.model_validate(fields)
+        policy.check_models(services.cascade.workers)
+        services.cascade.policy = policy
+    elif name == "budgets":
+        services.spending.budgets.policy = BudgetPolicy.model_validate(fields)
+    log.info("applied a %s policy change from another replica", name)
 
 
 async def _stop(services: Services) -> None:
@@ -126,7 +183,8 @@ async def _stop(services: Services) -> None:
     if services.upstream is not None:
         await services.upstream.aclose()
     await services.cache.store.close()
-    await services.spending.budgets.counters.close()
+    with contextlib.suppress(CacheError):  # on Redis the counters share the store's (closed) client
+        await services.spending.budgets.counters.close()
     services.embedder.close()
     for worker in services.cascade.workers.values():
         worker.close()

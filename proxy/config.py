@@ -59,7 +59,14 @@ class Settings(BaseSettings):
         default_factory=lambda: Path.home() / ".cache" / "cachecade",
         description="where derived model files (the embedder's ONNX export) are kept",
     )
-    redis_url: str | None = Field(None, description="shared Redis store (arrives with the Redis issue)")
+    redis_url: str | None = Field(
+        None, description="shared store for every replica, e.g. redis://redis:6379/0 (unset: SQLite in data_dir)"
+    )
+    redis_cluster: bool = Field(False, description="redis_url names a node of a Redis Cluster")
+    redis_prefix: str = Field("cachecade:", min_length=1, max_length=64, description="prefix of every Redis key")
+    redis_timeout_s: float = Field(
+        0.5, gt=0, le=30, description="Redis connect/read timeout: past it a request fails open, not slow"
+    )
 
     embedder: str = Field("all-MiniLM-L6-v2", description="packaged embedder name or local model directory")
     embedder_backend: Literal["onnx", "onnx-int8", "torch"] = Field(
@@ -139,13 +146,10 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _no_redis_yet(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError(
-                "the Redis store is not implemented in this version; unset CACHECADE_REDIS_URL to use the "
-                "embedded store"
-            )
-        return value
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("CACHECADE_REDIS_URL must start with redis://, rediss:// or unix://")
+        return value or None
 
     @model_validator(mode="after")
     def _valid_policy(self) -> Settings:

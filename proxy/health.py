@@ -18,16 +18,21 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Models loaded and the store usable."""
+    """Models loaded and the store usable (with Redis: ready even while Redis is down, since requests fail open
+    and a replica taken out of service would fail them)."""
     svc = getattr(request.app.state, "services", None)
     if svc is None:
         return JSONResponse({"status": "starting"}, status_code=503)
+    store = "ok"
     try:
         await svc.cache.store.ping()
     except CacheError as exc:
-        return JSONResponse({"status": "store unavailable", "detail": str(exc)}, status_code=503)
+        if svc.follower is None:  # the local store is this replica's own: without it nothing works
+            return JSONResponse({"status": "store unavailable", "detail": str(exc)}, status_code=503)
+        store = f"unavailable, failing open: {exc}"  # Redis down: requests still succeed, so stay in service
     return JSONResponse({
         "status": "ready",
+        "store": store,
         "embedder": svc.embedder.model_id,
         "indexed_vectors": len(svc.cache.index),
         "local_models": sorted(svc.cascade.workers),

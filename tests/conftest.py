@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from local_models.processes import free_port
+from local_models.processes import ServerFailed, free_port, stop
+from tests.redis_server import start_redis
 
 __all__ = ["free_port"]
 
@@ -39,3 +41,17 @@ def engines(model_cache: Path):  # type: ignore[no-untyped-def]
     from local_models.registry import default_local_models
 
     return {name: LlamaEngine.load(name, config, model_cache) for name, config in default_local_models().items()}
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of this test session's own, on a free port; yields `redis://127.0.0.1:<port>/0`. Fails (never
+    skips) when redis-server cannot start: `make test` installs it."""
+    try:
+        process, url = start_redis(tmp_path_factory.mktemp("redis") / "redis.log")
+    except ServerFailed as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield url
+    finally:
+        stop(process)

@@ -37,7 +37,7 @@ def test_environment_and_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         ("cache_threshold", 1.5, "cache_threshold"),
         ("upstream_base_url", "not a url", "upstream_base_url"),
         ("admin_token", "short", "at least 16"),
-        ("redis_url", "redis://localhost:6379/0", "not implemented"),
+        ("redis_url", "http://localhost:6379/0", "redis://"),
         ("cache_model_thresholds", {"m": 3}, "model_thresholds"),
         ("port", 0, "port"),
         ("no_such_setting", 1, "no_such_setting"),

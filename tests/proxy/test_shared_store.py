@@ -1,0 +1,111 @@
+"""Replicas sharing one Redis: two apps in one process (each with its own index and follower) over a real
+redis-server, and a MockTransport upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from local_models.processes import free_port
+from proxy.app import create_app
+from proxy.config import Settings
+from tests.proxy.conftest import ADMIN, FakeUpstream, chat
+
+ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN}"}
+Q = "How many legs does a spider have?"
+PARAPHRASE = "What number of legs does a spider have?"
+
+
+@pytest.fixture
+def make_replica(tmp_path: Path, embedder: Any, engines: Any, upstream: FakeUpstream, redis_url: str):  # type: ignore[no-untyped-def]
+    prefix = f"t{uuid.uuid4().hex[:8]}:"  # this test's own keys on the session's server
+
+    @asynccontextmanager
+    async def factory(name: str, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+        values: dict[str, Any] = {"data_dir": tmp_path / name, "upstream_base_url": "http://upstream.test/v1",
+                                  "admin_token": ADMIN, "redis_url": redis_url, "redis_prefix": prefix,
+                                  "cascade_routes": {}, **overrides}  # fmt: skip
+        app = create_app(Settings(**values), embedder=embedder, upstream_transport=httpx.MockTransport(upstream),
+                         engines=engines)  # fmt: skip
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://{name}.test") as client:
+                yield client
+
+    return factory
+
+
+async def eventually(check: Any, within: float = 1.0) -> float:
+    """Poll an async check until it is true; returns the seconds it took (fails after `within`)."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < within, "not visible in time"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_an_answer_stored_through_one_replica_is_a_hit_through_the_other(make_replica, upstream) -> None:  # type: ignore[no-untyped-def]
+    async with make_replica("a") as a, make_replica("b") as b:
+        first = await a.post("/v1/chat/completions", json=chat(Q))
+        assert first.headers["x-cache"] == "MISS"
+
+        async def semantic_hit_on_b() -> bool:
+            r = await b.post("/v1/chat/completions", json=chat(PARAPHRASE), headers={"cache-control": "no-store"})
+            return r.headers["x-cache"] == "HIT-SEMANTIC"
+
+        await eventually(semantic_hit_on_b)  # B's index learnt A's vector from the stream
+        exact = await b.post("/v1/chat/completions", json=chat(Q))
+        assert exact.headers["x-cache"] == "HIT-EXACT" and exact.json()["choices"] == first.json()["choices"]
+        entry_id = first.headers["x-cache-entry-id"]
+        deleted = await a.delete(f"/admin/entries/{entry_id}", headers=ADMIN_HEADERS)
+        assert deleted.json() == {"deleted": 1}
+        gone = await b.post("/v1/chat/completions", json=chat(PARAPHRASE), headers={"cache-control": "no-store"})
+        assert gone.headers["x-cache"] == "MISS"
+    assert len(upstream.requests) == 2
+
+
+async def test_policy_changes_reach_every_replica(make_replica) -> None:  # type: ignore[no-untyped-def]
+    async with make_replica("a") as a, make_replica("b") as b:
+        put = await a.put("/admin/config", json={"threshold": 0.97}, headers=ADMIN_HEADERS)
+        assert put.status_code == 200
+        key = "k-" + "c" * 24
+        await a.put("/admin/budgets", json={"keys": {key: {"tokens_per_day": 7}}}, headers=ADMIN_HEADERS)
+
+        async def b_has_both() -> bool:
+            config = (await b.get("/admin/config", headers=ADMIN_HEADERS)).json()
+            budgets = (await b.get("/admin/budgets", headers=ADMIN_HEADERS)).json()
+            return config["threshold"] == 0.97 and budgets["keys"].get(key, {}).get("tokens_per_day") == 7
+
+        await eventually(b_has_both)
+
+
+async def test_budgets_are_shared_between_replicas(make_replica) -> None:  # type: ignore[no-untyped-def]
+    limits = {"default_key_tokens_per_day": 40}
+    async with make_replica("a", **limits) as a, make_replica("b", **limits) as b:
+        key = {"authorization": "Bearer sk-shared-budget-0123"}
+        one = await a.post("/v1/chat/completions", json=chat("q1?", max_tokens=5), headers=key)
+        two = await b.post("/v1/chat/completions", json=chat("q2?", max_tokens=5), headers=key)
+        assert one.headers["x-ratelimit-remaining-tokens"] == "22"  # 40 - 18 (the upstream's usage)
+        assert two.headers["x-ratelimit-remaining-tokens"] == "4"  # B counts what A spent
+        refused = await a.post("/v1/chat/completions", json=chat("q3?", max_tokens=5), headers=key)
+        assert refused.status_code == 429
+
+
+async def test_unreachable_redis_fails_open(make_replica, upstream) -> None:  # type: ignore[no-untyped-def]
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    async with make_replica("a", redis_url=dead, default_key_tokens_per_day=10) as a:
+        for question in (Q, Q, PARAPHRASE):
+            r = await a.post("/v1/chat/completions", json=chat(question), headers={"authorization": "Bearer sk-x"})
+            assert r.status_code == 200 and r.headers["x-served-by"] == "upstream:up-model"
+            assert "x-ratelimit-limit-tokens" not in r.headers  # unmetered, not refused
+        ready = await a.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["store"].startswith("unavailable")
+    assert len(upstream.requests) == 3  # nothing could be cached, nothing failed
