@@ -35,6 +35,8 @@ from cache.store import Entry, IndexedVector, PutResult
 T = TypeVar("T")
 MAX_BACKOFF_S = 10.0
 STREAM_MAXLEN = 100_000  # events kept (approximately); a replica further behind rebuilds from the entries
+# Delete a lock only if its value is still ours.
+_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 _TEXT = ("tenant", "namespace", "kind", "model", "partition", "exact_key", "tier", "embedder_id")
 
 
@@ -120,6 +122,7 @@ class RedisStore:
         self.prefix = prefix
         self.origin = uuid.uuid4().hex  # this replica, so it skips its own events
         self.breaker = Breaker()
+        self._unlock_script = self.client.register_script(_UNLOCK)
 
     @classmethod
     def from_url(cls, url: str, *, cluster: bool = False, prefix: str = "cachecade:", timeout_s: float = 0.5
@@ -354,6 +357,23 @@ class RedisStore:
             if limit <= 0:
                 break
         return seen
+
+    # --- single-flight locks -------------------------------------------------------------------------------------
+
+    def _lock(self, exact_key: str) -> str:
+        return f"{self.prefix}lock:{{{exact_key}}}"
+
+    async def try_lock(self, exact_key: str, ttl_s: float) -> bool:
+        """Take the lock of an exact key for this replica (expires by itself after ttl_s)."""
+        taken = await self._run(self.client.set(self._lock(exact_key), self.origin, nx=True, px=int(ttl_s * 1000)))
+        return bool(taken)
+
+    async def is_locked(self, exact_key: str) -> bool:
+        return bool(await self._run(self.client.exists(self._lock(exact_key))))
+
+    async def unlock(self, exact_key: str) -> None:
+        """Release the lock if this replica still holds it (one that expired and was retaken is left alone)."""
+        await self._run(self._unlock_script(keys=[self._lock(exact_key)], args=[self.origin]))
 
     async def ping(self) -> None:
         await self._run(self.client.ping())

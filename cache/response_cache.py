@@ -148,6 +148,18 @@ class ResponseCache:
             self.stats.hits_semantic += 1
         return hit, vector
 
+    async def lookup_again(self, key: CacheKey, request: Lookup) -> Hit | None:
+        """After waiting for an identical request in flight: the answer it stored (exact tier). A hit here turns
+        the miss this request was first counted as into a hit."""
+        now = self.clock()
+        hit = await self._lookup_exact(key, request, now) if self.policy.exact_enabled else None
+        if hit is not None:
+            self.stats.misses -= 1
+            self.stats.hits_exact += 1
+            self.stats.tokens_saved += hit.entry.prompt_tokens + max(0, hit.entry.completion_tokens)
+            self._last_used[hit.entry.vid] = now
+        return hit
+
     async def _lookup_exact(self, key: CacheKey, request: Lookup, now: float) -> Hit | None:
         entry = await self.store.get_exact(key.exact, now)
         if entry is None or entry.partition != key.partition or not self._servable(entry, key, request, now):

@@ -12,6 +12,7 @@ import numpy as np
 from cache.keys import CacheKey, Kind
 from proxy.budget import Ticket
 from proxy.context import RequestContext
+from proxy.flights import Flight
 from proxy.protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -30,6 +31,7 @@ class Outcome:
     confidence: float | None = None  # gate score of the local answer served
     gate: str | None = None  # pass | last-tier (no upstream to escalate to, so not gated)
     budget: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, x-token-estimate, x-token-cap
+    coalesced: bool = False  # waited for an identical request in flight and was served its answer
 
     def headers(self) -> dict[str, str]:
         out = {"x-cache": self.cache, "x-served-by": self.served_by, **self.budget}
@@ -49,6 +51,8 @@ class Outcome:
             out["x-cache-entry-id"] = self.entry_id
         if self.reason is not None:
             out["x-cache-bypass-reason"] = self.reason
+        if self.coalesced:
+            out["x-cache-coalesced"] = "true"
         return out
 
 
@@ -74,6 +78,7 @@ class Miss:
     admission: Admission
     key: CacheKey
     ticket: Ticket
+    flight: Flight | None = None  # this request leads the answer for its exact key (single flight)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from proxy.budget import Ticket
 from proxy.cascade import Budget, Cascade, CascadeResult, LocalAnswer
 from proxy.context import RequestContext
 from proxy.errors import InvalidRequest, ProxyError, ServiceUnavailable, sse_error_event
+from proxy.flights import Flight, Flights
 from proxy.outcome import Admission, Miss, Outcome, Reply
 from proxy.protocol import CacheOptions, ChatCompletionRequest, CompletionRequest
 from proxy.spending import Spend, SpendPlanner, upstream_usage
@@ -77,6 +78,7 @@ class CompletionPipeline:
 
     def __init__(self, cache: ResponseCache, upstream: Upstream | None, cascade: Cascade, spending: SpendPlanner
                  ) -> None:  # fmt: skip
+        self.flights = Flights(cache.store)
         self.cache = cache
         self.upstream = upstream
         self.cascade = cascade
@@ -121,11 +123,20 @@ class CompletionPipeline:
             self.cache.stats.bypassed += 1
         storable = outcome.reason in (None, "no-cache") and not ctx.directives.no_store
         admission = Admission(key if storable else None, vector, options.ttl)
+        flight = None
+        if storable and outcome.cache == "MISS":  # single flight: identical misses reach a model once
+            flight = await self.flights.lead(key.exact)
+            if flight is None and (hit := await self.cache.lookup_again(key, lookup)) is not None:
+                outcome.coalesced = True
+                return self._from_cache(kind, hit, request, outcome)
         try:
-            return await self._answer(Miss(kind, request, body, ctx, outcome, admission, key, ticket))
+            return await self._answer(Miss(kind, request, body, ctx, outcome, admission, key, ticket, flight))
         except ProxyError as exc:  # errors say what the cache did too
             exc.headers = {**outcome.headers(), **exc.headers}
             raise
+        finally:
+            if flight is not None and not flight.held_by_stream:
+                await flight.release()
 
     async def _lookup(self, key: CacheKey, lookup: Lookup, outcome: Outcome) -> tuple[Hit | None, np.ndarray | None]:
         semantic = key.text is not None and self.cache.policy.semantic_enabled
@@ -244,7 +255,10 @@ class CompletionPipeline:
         if miss.request.stream:
             stack = AsyncExitStack()
             chunks = await stack.enter_async_context(upstream.stream(path, forwarded, headers))
-            return Reply(outcome, stream=self._pass_through(miss.kind, chunks, stack, miss.admission, spend))
+            if miss.flight is not None:
+                miss.flight.held_by_stream = True  # released once the stream has ended (and its answer is stored)
+            stream = self._pass_through(miss.kind, chunks, stack, miss.admission, spend, miss.flight)
+            return Reply(outcome, stream=stream)
         payload = await cancel_on_disconnect(upstream.post(path, forwarded, headers), miss.ctx.disconnected)
         await self._settle(spend, self._count_upstream(payload, spend))
         outcome.entry_id = await self._store(miss.admission, payload)
@@ -259,7 +273,13 @@ class CompletionPipeline:
         return prompt + completion
 
     async def _pass_through(
-        self, kind: Kind, chunks: AsyncIterator[bytes], stack: AsyncExitStack, admission: Admission, spend: Spend
+        self,
+        kind: Kind,
+        chunks: AsyncIterator[bytes],
+        stack: AsyncExitStack,
+        admission: Admission,
+        spend: Spend,
+        flight: Flight | None,
     ) -> AsyncIterator[bytes]:
         """Relay upstream bytes unchanged; once [DONE] has arrived, store the answer before relaying [DONE].
         A client that goes away cancels this generator, which closes the upstream connection. The key pays for
@@ -284,9 +304,15 @@ class CompletionPipeline:
             yield sse_error_event(exc)
         finally:
             await stack.aclose()
-            task = asyncio.get_running_loop().create_task(self._settle(spend, spent))
-            self._settling.add(task)  # kept until done: the loop holds tasks only weakly
-            task.add_done_callback(self._settling.discard)
+            self._background(self._settle(spend, spent))
+            if flight is not None:
+                self._background(flight.release())
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` to its end even when the caller is being cancelled (a closed stream)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._settling.add(task)  # kept until done: the loop holds tasks only weakly
+        task.add_done_callback(self._settling.discard)
 
     async def _store(self, admission: Admission, payload: Mapping[str, Any], tier: str = "upstream") -> str | None:
         if admission.key is None or not admissible(payload, self.cache.policy):

@@ -5,42 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
-
 from local_models.processes import free_port
-from proxy.app import create_app
-from proxy.config import Settings
-from tests.proxy.conftest import ADMIN, FakeUpstream, chat
+from tests.proxy.conftest import ADMIN, chat
 
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN}"}
 Q = "How many legs does a spider have?"
 PARAPHRASE = "What number of legs does a spider have?"
-
-
-@pytest.fixture
-def make_replica(tmp_path: Path, embedder: Any, engines: Any, upstream: FakeUpstream, redis_url: str):  # type: ignore[no-untyped-def]
-    prefix = f"t{uuid.uuid4().hex[:8]}:"  # this test's own keys on the session's server
-
-    @asynccontextmanager
-    async def factory(name: str, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-        values: dict[str, Any] = {"data_dir": tmp_path / name, "upstream_base_url": "http://upstream.test/v1",
-                                  "admin_token": ADMIN, "redis_url": redis_url, "redis_prefix": prefix,
-                                  "cascade_routes": {}, **overrides}  # fmt: skip
-        app = create_app(Settings(**values), embedder=embedder, upstream_transport=httpx.MockTransport(upstream),
-                         engines=engines)  # fmt: skip
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url=f"http://{name}.test") as client:
-                yield client
-
-    return factory
 
 
 async def eventually(check: Any, within: float = 1.0) -> float:
