@@ -20,15 +20,15 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
-def start_redis(log: Path, timeout: float = 10.0) -> tuple[subprocess.Popen, str]:
+def start_redis(log: Path, timeout: float = 10.0, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """Start an in-memory redis-server (no RDB, no AOF) on 127.0.0.1; returns the process and its URL (database
     0) once it answers PING. Raises ServerFailed, with the log, if it exits or does not answer in time."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServerFailed("redis-server is not on PATH: run `make system-deps` (installs Debian's redis-server)")
-    port = free_port()
+    port = port or free_port()  # a given port: restart a server where its clients expect it
     cmd = [binary, "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1"]
-    with log.open("w") as out:
+    with log.open("a") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while not _answers_ping(port):

@@ -1,0 +1,356 @@
+"""The Redis entry store on real servers: the session's redis-server, one of a test's own (stopped mid-test), and a
+local 3-master Redis Cluster. Entries expire through EXPIREAT at their absolute TTL, so times here are real."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from cache.counters import Count
+from cache.errors import StoreError
+from cache.redis_counters import RedisCounters
+from cache.redis_store import Breaker, Event, RedisStore
+from cache.store import Entry
+from local_models.processes import free_port, stop
+from tests.redis_server import start_redis
+
+T0 = time.time()
+HOUR = 3600.0
+RESPONSE = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Ünïcode ✓\nok"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+}
+
+
+def entry(vid: int, **over: Any) -> Entry:
+    """Entry `vid`, created `vid` seconds after T0 (so a later vid is newer and more recently used)."""
+    fields: dict[str, Any] = {
+        "vid": vid, "tenant": "t", "namespace": "n", "kind": "chat", "model": "m", "partition": "p",
+        "exact_key": f"k{vid}", "response": RESPONSE, "tier": "upstream", "created_at": T0 + min(vid, 1000),
+        "expires_at": None, "text": f"question {vid}", "vector": np.full(4, vid / 10, dtype=np.float32),
+        "embedder_id": "emb", "prompt_tokens": 3, "completion_tokens": 4,
+    }  # fmt: skip
+    fields.update(over)
+    return Entry(**fields)
+
+
+def stream_id(event_id: str) -> tuple[int, int]:
+    ms, seq = event_id.split("-")
+    return int(ms), int(seq)
+
+
+async def events_after(store: RedisStore, after: str) -> list[Event]:
+    return await store.read_events(after=after, block_ms=100)
+
+
+async def wait_for_redis_expiry(expires_at: float) -> None:
+    """EXPIREAT takes whole seconds and the store rounds up (int + 1): past that instant Redis has dropped it."""
+    await asyncio.sleep(max(0.0, int(expires_at) + 1 - time.time()) + 0.1)
+
+
+# --- the EntryStore contract (as tests/cache/test_sqlite_store.py) --------------------------------------------------
+
+
+async def test_round_trip(redis_store: RedisStore) -> None:
+    original = entry(7, expires_at=T0 + HOUR)
+    result = await redis_store.put(original, None)
+    assert result.replaced == [] and result.evicted == []
+    for got in (await redis_store.get(7), await redis_store.get_exact("k7", now=T0 + 50)):
+        assert got is not None
+        assert got.response == RESPONSE
+        assert got.vector is not None and got.vector.dtype == np.float32
+        np.testing.assert_array_equal(got.vector, original.vector)
+        assert (got.vid, got.tenant, got.namespace, got.kind, got.model, got.partition, got.exact_key) == (
+            7, "t", "n", "chat", "m", "p", "k7",
+        )  # fmt: skip
+        assert (got.created_at, got.expires_at, got.text, got.embedder_id) == (T0 + 7, T0 + HOUR, "question 7", "emb")
+        assert (got.prompt_tokens, got.completion_tokens, got.tier) == (3, 4, "upstream")
+    assert await redis_store.get_exact("k7", now=T0 + HOUR) is None  # past its TTL, though Redis still holds it
+    assert await redis_store.get(8) is None
+    assert await redis_store.get_exact("nope", now=T0) is None
+
+
+async def test_entry_without_vector(redis_store: RedisStore) -> None:
+    await redis_store.put(entry(1, vector=None, text=None), None)
+    got = await redis_store.get(1)
+    assert got is not None and got.vector is None and got.text is None
+    assert [v async for v in redis_store.iter_vectors("emb")] == []
+
+
+async def test_same_exact_key_replaces(redis_store: RedisStore) -> None:
+    await redis_store.put(entry(1, exact_key="same"), None)
+    result = await redis_store.put(entry(2, exact_key="same", response={"v": 2}), None)
+    assert result.replaced == [1]
+    assert result.evicted == []
+    assert await redis_store.count() == 1
+    assert await redis_store.get(1) is None
+    got = await redis_store.get_exact("same", now=T0)
+    assert got is not None and got.vid == 2 and got.response == {"v": 2}
+    assert (await redis_store.put(entry(2, exact_key="same"), None)).replaced == []  # the same entry again
+
+
+async def test_lru_eviction_uses_touch(redis_store: RedisStore) -> None:
+    for vid in (1, 2, 3):
+        await redis_store.put(entry(vid), max_entries=3)  # last use = created_at = T0 + vid
+    await redis_store.touch({1: T0 + 10})  # 1 is now the most recently used; 2 is the least
+    result = await redis_store.put(entry(4), max_entries=3)
+    assert result.evicted == [2]
+    assert await redis_store.get(2) is None
+    assert await redis_store.count() == 3
+    await redis_store.touch({3: T0 + 11, 2: T0 + 11})  # 2 is gone: ignored
+    result = await redis_store.put(entry(5, created_at=T0 + 12), max_entries=2)
+    assert sorted(result.evicted) == [1, 4]  # last use T0+10 and T0+4; 3 (T0+11) and 5 (T0+12) stay
+    assert sorted(e.vid for e in await redis_store.list_entries(tenant=None, namespace=None, limit=10)) == [3, 5]
+    assert await redis_store.count() == 2
+
+
+async def test_delete_and_delete_where(redis_store: RedisStore) -> None:
+    for vid, tenant, namespace in [(1, "a", "x"), (2, "a", "y"), (3, "b", "x"), (4, "b", "y"), (5, "c", "z")]:
+        await redis_store.put(entry(vid, tenant=tenant, namespace=namespace), None)
+    assert await redis_store.delete([1, 99]) == [1]
+    assert await redis_store.delete([1]) == []
+    assert await redis_store.get_exact("k1", now=T0) is None
+    assert sorted(await redis_store.delete_where(tenant=None, namespace="y")) == [2, 4]
+    assert await redis_store.delete_where(tenant="b", namespace="z") == []
+    assert await redis_store.delete_where(tenant="b", namespace=None) == [3]
+    assert await redis_store.count() == 1
+    assert await redis_store.flush() == 1
+    assert await redis_store.count() == 0
+    assert await redis_store.flush() == 0
+
+
+async def test_list_entries_filters_and_order(redis_store: RedisStore) -> None:
+    for vid, tenant, namespace in [(1, "a", "x"), (2, "a", "y"), (3, "b", "x"), (4, "a", "x")]:
+        await redis_store.put(entry(vid, tenant=tenant, namespace=namespace), None)
+
+    async def vids(**kw: Any) -> list[int]:
+        return [e.vid for e in await redis_store.list_entries(**kw)]
+
+    assert await vids(tenant=None, namespace=None, limit=10) == [4, 3, 2, 1]  # newest first
+    assert await vids(tenant=None, namespace=None, limit=2) == [4, 3]
+    assert await vids(tenant="a", namespace=None, limit=10) == [4, 2, 1]
+    assert await vids(tenant=None, namespace="x", limit=10) == [4, 3, 1]
+    assert await vids(tenant="a", namespace="x", limit=10) == [4, 1]
+    assert await vids(tenant="zz", namespace=None, limit=10) == []
+
+
+async def test_iter_vectors_by_embedder(redis_store: RedisStore) -> None:
+    await redis_store.put(entry(3, partition="p1"), None)
+    await redis_store.put(entry(1, partition="p2"), None)
+    await redis_store.put(entry(2, embedder_id="other"), None)
+    await redis_store.put(entry(4, vector=None), None)
+    await redis_store.put(entry(5, expires_at=T0 - 1), None)  # past its TTL: not indexed
+    items = sorted([v async for v in redis_store.iter_vectors("emb")], key=lambda v: v.vid)
+    assert [(v.vid, v.partition) for v in items] == [(1, "p2"), (3, "p1")]
+    np.testing.assert_array_equal(items[1].vector, np.full(4, 0.3, dtype=np.float32))
+    assert [v.vid async for v in redis_store.iter_vectors("other")] == [2]
+    assert [v async for v in redis_store.iter_vectors("missing")] == []
+
+
+async def test_large_vids_round_trip(redis_store: RedisStore) -> None:
+    big = 2**63 - 1
+    await redis_store.put(entry(big, exact_key="big"), None)
+    got = await redis_store.get(big)
+    assert got is not None and got.id == "7fffffffffffffff" and got.vid == big
+    assert [v.vid async for v in redis_store.iter_vectors("emb")] == [big]
+    assert await redis_store.delete([big]) == [big]
+
+
+async def test_entry_expired_by_redis(redis_store: RedisStore) -> None:
+    expires_at = time.time() + 1
+    await redis_store.put(entry(1, expires_at=expires_at), None)
+    await redis_store.put(entry(2, expires_at=time.time() + HOUR), None)
+    assert await redis_store.get(1) is not None
+    after = await redis_store.last_event_id()
+    await wait_for_redis_expiry(expires_at)
+    assert await redis_store.get(1) is None
+    assert await redis_store.get_exact("k1", now=time.time()) is None
+    assert [v.vid async for v in redis_store.iter_vectors("emb")] == [2]
+    assert await redis_store.count() == 2  # its id stays in the LRU set until purged
+    assert await redis_store.purge_expired(time.time()) == [1]
+    assert await redis_store.count() == 1
+    assert [(e.op, e.vid, e.origin) for e in await events_after(redis_store, after)] == [
+        ("delete", 1, redis_store.origin)
+    ]
+    assert await redis_store.purge_expired(time.time()) == []
+
+
+async def test_nan_in_response_is_a_store_error(redis_store: RedisStore) -> None:
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(StoreError):
+            await redis_store.put(entry(1, response={"choices": [{"logprob": bad}]}), None)
+    assert await redis_store.count() == 0
+    assert await redis_store.get(1) is None
+    assert await redis_store.last_event_id() == "0-0"  # nothing was announced either
+
+
+# --- events ---------------------------------------------------------------------------------------------------------
+
+
+async def test_put_delete_flush_and_policy_events(redis_store: RedisStore) -> None:
+    assert await redis_store.last_event_id() == "0-0"
+    assert await events_after(redis_store, "0-0") == []
+    await redis_store.put(entry(5, partition="p9", embedder_id="e1"), None)
+    [put] = await events_after(redis_store, "0-0")
+    assert (put.op, put.origin, put.vid, put.partition, put.embedder_id) == ("put", redis_store.origin, 5, "p9", "e1")
+    assert put.vector is not None and put.vector.dtype == np.float32
+    np.testing.assert_array_equal(put.vector, np.full(4, 0.5, dtype=np.float32))
+    assert await redis_store.last_event_id() == put.id
+
+    await redis_store.put(entry(6, vector=None), None)
+    await redis_store.put(entry(7, exact_key="k6"), None)  # replaces 6
+    await redis_store.delete([5])
+    await redis_store.flush()  # deletes 7
+    await redis_store.publish_policy("cascade", {"enabled": True, "models": ["a", "ü"]})
+    events = await events_after(redis_store, put.id)
+    assert [(e.op, e.vid) for e in events] == [
+        ("put", 6), ("put", 7), ("delete", 6), ("delete", 5), ("delete", 7), ("flush", 0), ("policy", 0),
+    ]  # fmt: skip
+    assert all(e.origin == redis_store.origin for e in events)
+    assert events[0].vector is None
+    assert (events[-1].name, events[-1].policy) == ("cascade", {"enabled": True, "models": ["a", "ü"]})
+    ids = [put.id] + [e.id for e in events]
+    assert [stream_id(i) for i in ids] == sorted({stream_id(i) for i in ids})  # strictly increasing
+    assert await redis_store.last_event_id() == events[-1].id
+    assert await redis_store.first_event_id() == put.id
+    assert await events_after(redis_store, events[-1].id) == []
+
+
+async def test_events_carry_the_origin_of_their_writer(redis_store: RedisStore, redis_url: str) -> None:
+    other = RedisStore.from_url(redis_url, prefix=redis_store.prefix)
+    try:
+        await other.put(entry(1), None)
+        [event] = await events_after(redis_store, "0-0")
+        assert event.origin == other.origin != redis_store.origin
+        assert await redis_store.get(1) is not None  # one store, seen from both
+    finally:
+        await other.close()
+
+
+# --- failures: always StoreError, and fast while Redis is down ------------------------------------------------------
+
+
+async def test_unreachable_fails_fast_then_retries() -> None:
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix="test:")
+    try:
+        with pytest.raises(StoreError):
+            await store.get(1)
+        assert store.errors == 1 and not store.available
+        started = time.perf_counter()
+        with pytest.raises(StoreError, match="unavailable"):
+            await store.get(1)
+        assert time.perf_counter() - started < 0.05
+        assert store.errors == 1  # no network call was made
+        await asyncio.sleep(0.3)  # past the first backoff (0.25 s)
+        assert store.available
+        with pytest.raises(StoreError):
+            await store.put(entry(1), None)
+        assert store.errors == 2 and not store.available
+    finally:
+        await store.close()
+
+
+async def test_server_stopped_mid_test_raises_store_error(tmp_path: Path) -> None:
+    process, url = start_redis(tmp_path / "redis.log")
+    store = RedisStore.from_url(url, prefix="test:")
+    try:
+        await store.put(entry(1), None)
+        assert [v.vid async for v in store.iter_vectors("emb")] == [1]
+        stop(process)
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "get": lambda: store.get(1),
+            "put": lambda: store.put(entry(2), None),
+            "get_exact": lambda: store.get_exact("k1", now=T0),
+            "delete": lambda: store.delete([1]),
+            "iter_vectors": lambda: _collect(store.iter_vectors("emb")),
+            "count": lambda: store.count(),
+        }
+        for fresh_breaker in (True, False):  # through the network, then failing fast
+            raised = {}
+            for name, call in calls.items():
+                if fresh_breaker:
+                    store.breaker = Breaker()
+                try:
+                    await call()
+                    raised[name] = "nothing"
+                except Exception as exc:
+                    raised[name] = type(exc).__name__
+            assert raised == dict.fromkeys(calls, "StoreError")
+    finally:
+        await store.close()
+        stop(process)
+
+
+async def _collect(items: AsyncIterator[Any]) -> list[Any]:
+    return [item async for item in items]
+
+
+# --- Redis Cluster --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster_url: str) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(redis_cluster_url, cluster=True, prefix=f"test-{uuid.uuid4().hex}:")
+    yield store
+    await store.close()
+
+
+async def test_cluster_round_trip(cluster_store: RedisStore) -> None:
+    store = cluster_store
+    vids = [1, 2, 3, 4, 5, 6, 2**63 - 1]  # hash tags of their own: spread over the three masters
+    for vid in vids:
+        await store.put(entry(vid, expires_at=T0 + HOUR), None)
+    assert await store.count() == len(vids)
+    nodes = {store.client.get_node_from_key(f"{store.prefix}e:{{{vid:016x}}}").name for vid in vids}
+    assert len(nodes) == 3  # so pipelines and SCAN cross masters
+    got = await store.get(3)
+    assert got is not None and got.response == RESPONSE and got.created_at == T0 + 3
+    exact = await store.get_exact("k4", now=T0)
+    assert exact is not None and exact.vid == 4
+    assert sorted([v.vid async for v in store.iter_vectors("emb")]) == vids
+    assert (await store.put(entry(8, exact_key="k1"), None)).replaced == [1]
+    assert await store.delete([2, 99]) == [2]
+    assert await store.get(2) is None and await store.get_exact("k2", now=T0) is None
+    await store.client.delete(f"{store.prefix}e:{{{5:016x}}}")  # as Redis does when the entry expires or is evicted
+    assert await store.purge_expired(time.time()) == [5]
+    assert await store.count() == len(vids) - 2
+    await store.publish_policy("cache", {"ttl_s": 60})
+    events = await events_after(store, "0-0")
+    assert [(e.op, e.vid) for e in events][-5:] == [("put", 8), ("delete", 1), ("delete", 2), ("delete", 5),
+                                                   ("policy", 0)]  # fmt: skip
+    assert events[0].vector is not None and events[-1].policy == {"ttl_s": 60}
+    assert await store.last_event_id() == events[-1].id
+    assert sorted(await store.delete_where(tenant="t", namespace=None)) == [3, 4, 6, 8, 2**63 - 1]
+    assert await store.count() == 0
+
+
+async def test_cluster_counters_with_one_hash_tag(redis_cluster_url: str) -> None:
+    counters = RedisCounters(RedisCluster.from_url(redis_cluster_url), prefix=f"test-{uuid.uuid4().hex}:")
+    later = time.time() + HOUR
+    tokens, requests = "budget:{k-abc}:tokens:day:1", "budget:{k-abc}:requests:minute:1"
+    try:
+        assert await counters.add([Count(tokens, 30, 100, later), Count(requests, 1, 3, later)], check=True) == (
+            True, [30, 1],
+        )  # fmt: skip
+        refused = await counters.add([Count(tokens, 80, 100, later), Count(requests, 1, 3, later)], check=True)
+        assert refused == (False, [30, 1])  # the tokens limit refuses the whole add: requests is untouched
+        adds = [counters.add([Count(tokens, 10, 100, later), Count(requests, 0, 3, later)], check=True)
+                for _ in range(12)]  # fmt: skip
+        results = await asyncio.gather(*adds)
+        assert sum(ok for ok, _ in results) == 7  # 30 + 7 * 10 = 100: exactly seven fit
+        assert await counters.get([tokens, requests, "budget:{k-abc}:none"]) == [100, 1, 0]
+        other = "budget:{k-xyz}:tokens:day:1"  # another tag, likely another master
+        assert await counters.add([Count(other, 5, None, later)], check=False) == (True, [5])
+        assert await counters.get([other]) == [5]
+    finally:
+        await counters.close()
