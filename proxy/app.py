@@ -27,7 +27,7 @@ from cache.store import EntryStore
 from local_models.cascade import CascadePolicy
 from local_models.engine import LlamaEngine
 from local_models.worker import ModelWorker
-from proxy import admin, health, openai_api
+from proxy import admin, health, metrics, openai_api
 from proxy.budget import BudgetPolicy, Budgets
 from proxy.cascade import Cascade
 from proxy.config import Settings
@@ -73,8 +73,10 @@ def create_app(
 
     app = FastAPI(title="cachecade", version="0.1.0", lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(metrics.MetricsMiddleware)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(openai_api.router)
     app.include_router(admin.router)
     return app

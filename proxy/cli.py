@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -53,10 +53,13 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.app import create_app
+    from proxy.logs import configure_logging
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
+    # log_config=None: uvicorn's loggers (access log included) go through the handler configured above.
+    # On SIGTERM uvicorn stops accepting and waits up to the grace (whole seconds, rounded up) for requests in flight.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)  # fmt: skip
+                log_config=None, timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s))  # fmt: skip
     return 0
 
 

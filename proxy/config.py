@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8080, ge=1, le=65535, description="port to bind")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line, with request_id")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests (streams) may take to finish"
+    )
 
     upstream_base_url: AnyHttpUrl | None = Field(
         None, description="OpenAI-compatible backend for misses, e.g. https://api.openai.com/v1"

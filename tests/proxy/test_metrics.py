@@ -1,0 +1,118 @@
+"""GET /metrics: the services' counters and the request histograms, in Prometheus' text format."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from cache.response_cache import CacheStats
+from proxy.app import create_app
+from proxy.cascade import CascadeStats
+from proxy.config import Settings
+from proxy.metrics import Metrics, metrics_of
+from proxy.spending import TokenStats
+from tests.proxy.conftest import FakeUpstream, chat
+
+CHAT = "/v1/chat/completions"
+Sample = tuple[str, dict[str, str], float]
+
+
+def samples(text: str) -> list[Sample]:
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(found: list[Sample], name: str, **labels: str) -> float | None:
+    """The value of the one sample with this name whose labels include `labels` (None: no such sample)."""
+    matching = [v for n, sample_labels, v in found if n == name and labels.items() <= sample_labels.items()]
+    assert len(matching) <= 1, f"{name} {labels}: {len(matching)} samples"
+    return matching[0] if matching else None
+
+
+async def scrape(client: httpx.AsyncClient) -> list[Sample]:
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return samples(r.text)
+
+
+async def test_a_miss_then_a_hit(make_client: Any) -> None:
+    async with make_client() as client:
+        assert (await client.post(CHAT, json=chat("What is the capital of France?"))).headers["x-cache"] == "MISS"
+        hit = await client.post(CHAT, json=chat("What is the capital of France?"))
+        assert hit.headers["x-cache"] == "HIT-EXACT"
+        found = await scrape(client)
+    assert value(found, "cachecade_cache_lookups_total", result="miss") == 1
+    assert value(found, "cachecade_cache_lookups_total", result="hit_exact") == 1
+    assert value(found, "cachecade_cache_lookups_total", result="hit_semantic") == 0
+    assert value(found, "cachecade_cache_stored_total") == 1
+    assert value(found, "cachecade_cache_index_vectors") == 1
+    assert value(found, "cachecade_tokens_total", kind="saved_by_cache") == 18  # the stored answer's usage
+    assert value(found, "cachecade_tokens_total", kind="upstream_completion") == 7
+    route = {"route": CHAT}
+    assert value(found, "cachecade_request_seconds_count", served_by="cache", cache="hit-exact", **route) == 1
+    assert value(found, "cachecade_request_seconds_count", served_by="upstream", cache="miss", **route) == 1
+    assert value(found, "cachecade_response_end_seconds_count", served_by="cache", **route) == 1
+    assert value(found, "cachecade_request_seconds_bucket", served_by="cache", le="60.0") == 1
+    assert value(found, "cachecade_upstream_errors_total") is None  # no errors yet: no sample
+    assert value(found, "cachecade_redis_errors_total") is None  # not on Redis
+
+
+def refuse(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+async def test_streams_and_upstream_errors(make_client: Any, upstream: FakeUpstream) -> None:
+    async with make_client() as client:
+        async with client.stream("POST", CHAT, json=chat("Stream me", stream=True)) as r:
+            assert [line async for line in r.aiter_lines() if line][-1] == "data: [DONE]"
+        upstream.handler = refuse
+        down = await client.post(CHAT, json=chat("Is the upstream up?"))
+        assert down.status_code == 502
+        assert (await client.post(CHAT, json={"model": "m"})).status_code == 400  # before the pipeline
+        found = await scrape(client)
+    assert value(found, "cachecade_response_end_seconds_count", served_by="upstream", cache="miss", route=CHAT) == 2
+    assert value(found, "cachecade_upstream_errors_total", status="502") == 1
+    assert value(found, "cachecade_request_seconds_count", served_by="unset", cache="unset") == 1
+    assert value(found, "cachecade_budget_counter_errors_total") == 0
+
+
+async def test_redis_store_and_follower(make_replica: Any) -> None:
+    async with make_replica("a") as client:
+        await client.post(CHAT, json=chat("What is the capital of France?"))
+        found = await scrape(client)
+    assert value(found, "cachecade_redis_errors_total") == 0
+    assert value(found, "cachecade_redis_available") == 1
+    assert value(found, "cachecade_follower_errors_total") == 0
+    assert value(found, "cachecade_cache_stored_total") == 1
+
+
+def test_cascade_and_token_counters_are_read_at_scrape_time() -> None:
+    cascade = CascadeStats(served=Counter({"smollm2": 3}), escalated=Counter({"smollm2:low-confidence": 2}))
+    tokens = TokenStats(local_prompt=10, local_completion=5, local_spent=40, clamped=1)
+    cache = SimpleNamespace(stats=CacheStats(bypassed=4), index=[], store=object())
+    svc = SimpleNamespace(cache=cache, cascade=SimpleNamespace(stats=cascade), follower=None,
+                          spending=SimpleNamespace(stats=tokens, budgets=SimpleNamespace(errors=2)))  # fmt: skip
+    metrics = Metrics(lambda: svc)  # type: ignore[arg-type, return-value]
+    cascade.escalated["gemma3:length"] += 1  # after registration: counters are read when scraped
+    found = samples(metrics.render().decode())
+    assert value(found, "cachecade_local_answers_total", tier="smollm2") == 3
+    assert value(found, "cachecade_escalations_total", tier="smollm2", reason="low-confidence") == 2
+    assert value(found, "cachecade_escalations_total", tier="gemma3", reason="length") == 1
+    assert value(found, "cachecade_tokens_total", kind="local_completion") == 5
+    assert value(found, "cachecade_local_tokens_spent_total") == 40
+    assert value(found, "cachecade_budget_clamped_requests_total") == 1
+    assert value(found, "cachecade_budget_counter_errors_total") == 2
+    assert value(found, "cachecade_cache_lookups_total", result="bypass") == 4
+
+
+async def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
+    first, second = (create_app(Settings(data_dir=tmp_path, cascade_routes={})) for _ in range(2))
+    metrics_of(first).upstream_errors.labels("504").inc()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://t") as client:
+        found = await scrape(client)  # not started: only the request metrics, and none of the other app's
+    assert value(found, "cachecade_upstream_errors_total", status="504") is None
+    assert value(samples(metrics_of(first).render().decode()), "cachecade_upstream_errors_total", status="504") == 1
