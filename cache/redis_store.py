@@ -68,19 +68,30 @@ class Breaker:
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    async def run(self, call: Awaitable[T]) -> T:
+    def check(self) -> None:
+        """Raise StoreError at once while backing off."""
         now = time.monotonic()
         if now < self._down_until:
+            raise StoreError(f"Redis unavailable, retrying in {self._down_until - now:.1f}s")
+
+    def failed(self, exc: BaseException) -> StoreError:
+        """Record a failure (start or lengthen the backoff); returns the StoreError to raise."""
+        self.errors += 1
+        self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 or 0.25)
+        self._down_until = time.monotonic() + self._backoff
+        return StoreError(f"Redis: {exc}")
+
+    async def run(self, call: Awaitable[T]) -> T:
+        try:
+            self.check()
+        except StoreError:
             if hasattr(call, "close"):
                 call.close()  # the coroutine never runs
-            raise StoreError(f"Redis unavailable, retrying in {self._down_until - now:.1f}s")
+            raise
         try:
             result = await call
         except (RedisError, OSError) as exc:
-            self.errors += 1
-            self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 or 0.25)
-            self._down_until = time.monotonic() + self._backoff
-            raise StoreError(f"Redis: {exc}") from exc
+            raise self.failed(exc) from exc
         self._backoff = 0.0
         return result
 
@@ -284,6 +295,7 @@ class RedisStore:
                 yield vid, values
             batch.clear()
 
+        self.breaker.check()
         try:
             async for key in self.client.scan_iter(match=f"{self.prefix}e:*", count=1000):
                 batch.append(int(key.decode().rsplit("{", 1)[1].rstrip("}"), 16))
@@ -291,7 +303,7 @@ class RedisStore:
                     async for item in flush():
                         yield item
         except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis: {exc}") from exc
+            raise self.breaker.failed(exc) from exc
         async for item in flush():
             yield item
 
