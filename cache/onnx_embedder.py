@@ -67,6 +67,9 @@ def _atomic_file(target: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file owner-only; a model file is for every user (a container builds it as root and
+        # serves it as another user).
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
