@@ -34,6 +34,7 @@ from cache.store import Entry, IndexedVector, PutResult
 
 T = TypeVar("T")
 MAX_BACKOFF_S = 10.0
+BULK_TIMEOUT_S = 30.0
 STREAM_MAXLEN = 100_000  # events kept (approximately); a replica further behind rebuilds from the entries
 # Delete a lock only if its value is still ours.
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -126,10 +127,12 @@ def _entry(raw: Mapping[bytes, bytes]) -> Entry:
 class RedisStore:
     """EntryStore on Redis or Redis Cluster. Build with `RedisStore.from_url(url)`."""
 
-    def __init__(self, client: redis.Redis | RedisCluster, prefix: str = "cachecade:") -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str = "cachecade:",
+                 bulk: redis.Redis | RedisCluster | None = None) -> None:  # fmt: skip
         # Any: redis-py types replies as unions of str / bytes / awaitables; with decode_responses off (the default)
         # they are bytes, which is what this module reads.
         self.client: Any = client
+        self.bulk: Any = bulk or client  # for scans: same server, longer read timeout
         self.prefix = prefix
         self.origin = uuid.uuid4().hex  # this replica, so it skips its own events
         self.breaker = Breaker()
@@ -139,9 +142,13 @@ class RedisStore:
     def from_url(cls, url: str, *, cluster: bool = False, prefix: str = "cachecade:", timeout_s: float = 0.5
                  ) -> RedisStore:  # fmt: skip
         """Connect lazily; short timeouts, because a slow store must not make requests slow (fail open)."""
-        options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-        client = RedisCluster.from_url(url, **options) if cluster else redis.Redis.from_url(url, **options)
-        return cls(client, prefix)
+
+        def connect(read_timeout_s: float) -> redis.Redis | RedisCluster:
+            options: dict[str, Any] = {"socket_timeout": read_timeout_s, "socket_connect_timeout": timeout_s}
+            return RedisCluster.from_url(url, **options) if cluster else redis.Redis.from_url(url, **options)
+
+        # Scans (the rebuild at start, deletes by tenant) move megabytes per batch: they get a longer read timeout.
+        return cls(connect(timeout_s), prefix, bulk=connect(max(timeout_s, BULK_TIMEOUT_S)))
 
     # --- keys and the circuit breaker ---------------------------------------------------------------------------
 
@@ -288,7 +295,7 @@ class RedisStore:
         batch: list[int] = []
 
         async def flush() -> AsyncIterator[tuple[int, list[bytes | None]]]:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.bulk.pipeline(transaction=False)
             for vid in batch:
                 pipe.hmget(self._e(vid), list(fields))
             for vid, values in zip(batch, await self._run(pipe.execute()), strict=True):
@@ -297,7 +304,7 @@ class RedisStore:
 
         self.breaker.check()
         try:
-            async for key in self.client.scan_iter(match=f"{self.prefix}e:*", count=1000):
+            async for key in self.bulk.scan_iter(match=f"{self.prefix}e:*", count=1000):
                 batch.append(int(key.decode().rsplit("{", 1)[1].rstrip("}"), 16))
                 if len(batch) >= 1000:
                     async for item in flush():
@@ -391,5 +398,6 @@ class RedisStore:
         await self._run(self.client.ping())
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.client.aclose()
+        for client in {id(self.client): self.client, id(self.bulk): self.bulk}.values():
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()

@@ -1,5 +1,6 @@
-"""The Redis entry store on real servers: the session's redis-server, one of a test's own (stopped mid-test), and a
-local 3-master Redis Cluster. Entries expire through EXPIREAT at their absolute TTL, so times here are real."""
+"""What is Redis's own, on real servers: the session's redis-server, one of a test's own (stopped mid-test), and a
+local 3-master Redis Cluster. Entries expire through EXPIREAT at their absolute TTL, so times here are real. The
+EntryStore contract it shares with SQLite is in tests/cache/test_stores.py."""
 
 from __future__ import annotations
 
@@ -18,30 +19,9 @@ from cache.counters import Count
 from cache.errors import StoreError
 from cache.redis_counters import RedisCounters
 from cache.redis_store import Breaker, Event, RedisStore
-from cache.store import Entry
 from local_models.processes import free_port, stop
+from tests.cache.test_stores import HOUR, RESPONSE, T0, entry
 from tests.redis_server import start_redis
-
-T0 = time.time()
-HOUR = 3600.0
-RESPONSE = {
-    "id": "chatcmpl-1",
-    "object": "chat.completion",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Ünïcode ✓\nok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
-}
-
-
-def entry(vid: int, **over: Any) -> Entry:
-    """Entry `vid`, created `vid` seconds after T0 (so a later vid is newer and more recently used)."""
-    fields: dict[str, Any] = {
-        "vid": vid, "tenant": "t", "namespace": "n", "kind": "chat", "model": "m", "partition": "p",
-        "exact_key": f"k{vid}", "response": RESPONSE, "tier": "upstream", "created_at": T0 + min(vid, 1000),
-        "expires_at": None, "text": f"question {vid}", "vector": np.full(4, vid / 10, dtype=np.float32),
-        "embedder_id": "emb", "prompt_tokens": 3, "completion_tokens": 4,
-    }  # fmt: skip
-    fields.update(over)
-    return Entry(**fields)
 
 
 def stream_id(event_id: str) -> tuple[int, int]:
@@ -58,112 +38,22 @@ async def wait_for_redis_expiry(expires_at: float) -> None:
     await asyncio.sleep(max(0.0, int(expires_at) + 1 - time.time()) + 0.1)
 
 
-# --- the EntryStore contract (as tests/cache/test_sqlite_store.py) --------------------------------------------------
+# --- where Redis goes beyond the EntryStore contract (tests/cache/test_stores.py) ----------------------------------
 
 
-async def test_round_trip(redis_store: RedisStore) -> None:
-    original = entry(7, expires_at=T0 + HOUR)
-    result = await redis_store.put(original, None)
-    assert result.replaced == [] and result.evicted == []
-    for got in (await redis_store.get(7), await redis_store.get_exact("k7", now=T0 + 50)):
-        assert got is not None
-        assert got.response == RESPONSE
-        assert got.vector is not None and got.vector.dtype == np.float32
-        np.testing.assert_array_equal(got.vector, original.vector)
-        assert (got.vid, got.tenant, got.namespace, got.kind, got.model, got.partition, got.exact_key) == (
-            7, "t", "n", "chat", "m", "p", "k7",
-        )  # fmt: skip
-        assert (got.created_at, got.expires_at, got.text, got.embedder_id) == (T0 + 7, T0 + HOUR, "question 7", "emb")
-        assert (got.prompt_tokens, got.completion_tokens, got.tier) == (3, 4, "upstream")
-    assert await redis_store.get_exact("k7", now=T0 + HOUR) is None  # past its TTL, though Redis still holds it
-    assert await redis_store.get(8) is None
-    assert await redis_store.get_exact("nope", now=T0) is None
-
-
-async def test_entry_without_vector(redis_store: RedisStore) -> None:
-    await redis_store.put(entry(1, vector=None, text=None), None)
-    got = await redis_store.get(1)
-    assert got is not None and got.vector is None and got.text is None
-    assert [v async for v in redis_store.iter_vectors("emb")] == []
-
-
-async def test_same_exact_key_replaces(redis_store: RedisStore) -> None:
+async def test_same_entry_again_replaces_nothing(redis_store: RedisStore) -> None:
     await redis_store.put(entry(1, exact_key="same"), None)
-    result = await redis_store.put(entry(2, exact_key="same", response={"v": 2}), None)
-    assert result.replaced == [1]
-    assert result.evicted == []
-    assert await redis_store.count() == 1
-    assert await redis_store.get(1) is None
-    got = await redis_store.get_exact("same", now=T0)
-    assert got is not None and got.vid == 2 and got.response == {"v": 2}
+    assert (await redis_store.put(entry(2, exact_key="same"), None)).replaced == [1]
     assert (await redis_store.put(entry(2, exact_key="same"), None)).replaced == []  # the same entry again
-
-
-async def test_lru_eviction_uses_touch(redis_store: RedisStore) -> None:
-    for vid in (1, 2, 3):
-        await redis_store.put(entry(vid), max_entries=3)  # last use = created_at = T0 + vid
-    await redis_store.touch({1: T0 + 10})  # 1 is now the most recently used; 2 is the least
-    result = await redis_store.put(entry(4), max_entries=3)
-    assert result.evicted == [2]
-    assert await redis_store.get(2) is None
-    assert await redis_store.count() == 3
-    await redis_store.touch({3: T0 + 11, 2: T0 + 11})  # 2 is gone: ignored
-    result = await redis_store.put(entry(5, created_at=T0 + 12), max_entries=2)
-    assert sorted(result.evicted) == [1, 4]  # last use T0+10 and T0+4; 3 (T0+11) and 5 (T0+12) stay
-    assert sorted(e.vid for e in await redis_store.list_entries(tenant=None, namespace=None, limit=10)) == [3, 5]
-    assert await redis_store.count() == 2
-
-
-async def test_delete_and_delete_where(redis_store: RedisStore) -> None:
-    for vid, tenant, namespace in [(1, "a", "x"), (2, "a", "y"), (3, "b", "x"), (4, "b", "y"), (5, "c", "z")]:
-        await redis_store.put(entry(vid, tenant=tenant, namespace=namespace), None)
-    assert await redis_store.delete([1, 99]) == [1]
-    assert await redis_store.delete([1]) == []
-    assert await redis_store.get_exact("k1", now=T0) is None
-    assert sorted(await redis_store.delete_where(tenant=None, namespace="y")) == [2, 4]
-    assert await redis_store.delete_where(tenant="b", namespace="z") == []
-    assert await redis_store.delete_where(tenant="b", namespace=None) == [3]
+    got = await redis_store.get_exact("same", now=T0)
+    assert got is not None and got.vid == 2
     assert await redis_store.count() == 1
-    assert await redis_store.flush() == 1
-    assert await redis_store.count() == 0
-    assert await redis_store.flush() == 0
 
 
-async def test_list_entries_filters_and_order(redis_store: RedisStore) -> None:
-    for vid, tenant, namespace in [(1, "a", "x"), (2, "a", "y"), (3, "b", "x"), (4, "a", "x")]:
-        await redis_store.put(entry(vid, tenant=tenant, namespace=namespace), None)
-
-    async def vids(**kw: Any) -> list[int]:
-        return [e.vid for e in await redis_store.list_entries(**kw)]
-
-    assert await vids(tenant=None, namespace=None, limit=10) == [4, 3, 2, 1]  # newest first
-    assert await vids(tenant=None, namespace=None, limit=2) == [4, 3]
-    assert await vids(tenant="a", namespace=None, limit=10) == [4, 2, 1]
-    assert await vids(tenant=None, namespace="x", limit=10) == [4, 3, 1]
-    assert await vids(tenant="a", namespace="x", limit=10) == [4, 1]
-    assert await vids(tenant="zz", namespace=None, limit=10) == []
-
-
-async def test_iter_vectors_by_embedder(redis_store: RedisStore) -> None:
-    await redis_store.put(entry(3, partition="p1"), None)
-    await redis_store.put(entry(1, partition="p2"), None)
-    await redis_store.put(entry(2, embedder_id="other"), None)
-    await redis_store.put(entry(4, vector=None), None)
+async def test_expired_entry_not_indexed(redis_store: RedisStore) -> None:
+    await redis_store.put(entry(1), None)
     await redis_store.put(entry(5, expires_at=T0 - 1), None)  # past its TTL: not indexed
-    items = sorted([v async for v in redis_store.iter_vectors("emb")], key=lambda v: v.vid)
-    assert [(v.vid, v.partition) for v in items] == [(1, "p2"), (3, "p1")]
-    np.testing.assert_array_equal(items[1].vector, np.full(4, 0.3, dtype=np.float32))
-    assert [v.vid async for v in redis_store.iter_vectors("other")] == [2]
-    assert [v async for v in redis_store.iter_vectors("missing")] == []
-
-
-async def test_large_vids_round_trip(redis_store: RedisStore) -> None:
-    big = 2**63 - 1
-    await redis_store.put(entry(big, exact_key="big"), None)
-    got = await redis_store.get(big)
-    assert got is not None and got.id == "7fffffffffffffff" and got.vid == big
-    assert [v.vid async for v in redis_store.iter_vectors("emb")] == [big]
-    assert await redis_store.delete([big]) == [big]
+    assert [v.vid async for v in redis_store.iter_vectors("emb")] == [1]
 
 
 async def test_entry_expired_by_redis(redis_store: RedisStore) -> None:
@@ -185,13 +75,11 @@ async def test_entry_expired_by_redis(redis_store: RedisStore) -> None:
     assert await redis_store.purge_expired(time.time()) == []
 
 
-async def test_nan_in_response_is_a_store_error(redis_store: RedisStore) -> None:
+async def test_unstorable_answer_is_not_announced(redis_store: RedisStore) -> None:
     for bad in (float("nan"), float("inf")):
         with pytest.raises(StoreError):
             await redis_store.put(entry(1, response={"choices": [{"logprob": bad}]}), None)
-    assert await redis_store.count() == 0
-    assert await redis_store.get(1) is None
-    assert await redis_store.last_event_id() == "0-0"  # nothing was announced either
+    assert await redis_store.last_event_id() == "0-0"
 
 
 # --- events ---------------------------------------------------------------------------------------------------------
