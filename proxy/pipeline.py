@@ -126,7 +126,7 @@ class CompletionPipeline:
         flight = None
         if storable and outcome.cache == "MISS":  # single flight: identical misses reach a model once
             flight = await self.flights.lead(key.exact)
-            if flight is None and (hit := await self.cache.lookup_again(key, lookup)) is not None:
+            if flight is None and (hit := await self._lookup_again(key, lookup)) is not None:
                 outcome.coalesced = True
                 return self._from_cache(kind, hit, request, outcome)
         try:
@@ -149,6 +149,12 @@ class CompletionPipeline:
             return None, None
         outcome.cache = "MISS" if hit is None else outcome.cache
         return hit, vector
+
+    async def _lookup_again(self, key: CacheKey, lookup: Lookup) -> Hit | None:
+        try:
+            return await self.cache.lookup_again(key, lookup)
+        except CacheError:  # fail open, as on the first lookup
+            return None
 
     def _check_threshold(self, key: CacheKey, lookup: Lookup) -> None:
         configured = self.cache.policy.threshold_for(key.model, key.namespace)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.errors import CacheError
 from cache.keys import CacheKey, Kind
 from cache.response_cache import ResponseCache
 from local_models.budget import with_hint
@@ -87,7 +88,10 @@ class SpendPlanner:
     async def estimate(self, key: CacheKey, vector: np.ndarray | None) -> Estimate:
         """From the nearest stored answers when there are some, else from the prompt."""
         if vector is not None:
-            found = await self.cache.neighbours(key, vector, NEIGHBOURS, MIN_NEIGHBOUR_SIMILARITY)
+            try:
+                found = await self.cache.neighbours(key, vector, NEIGHBOURS, MIN_NEIGHBOUR_SIMILARITY)
+            except CacheError:  # fail open: the store is down, the prompt guess stands in
+                found = []
             estimate = from_neighbours(found)
             if estimate is not None:
                 return estimate

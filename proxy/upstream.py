@@ -45,7 +45,9 @@ class Upstream:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> Upstream:
         """Build the shared client with pooling and timeouts (a transport seam for tests)."""
-        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=connect_timeout_s)
+        # Waiting for a free pooled connection is waiting for the upstream: it gets the read timeout, so a burst
+        # past max_connections queues instead of failing after the connect timeout.
+        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=timeout_s)
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
         return cls(base_url, api_key, client)

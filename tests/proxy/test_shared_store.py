@@ -81,3 +81,25 @@ async def test_unreachable_redis_fails_open(make_replica, upstream) -> None:  # 
         ready = await a.get("/readyz")
         assert ready.status_code == 200 and ready.json()["store"].startswith("unavailable")
     assert len(upstream.requests) == 3  # nothing could be cached, nothing failed
+
+
+async def test_store_failing_between_lookup_and_answer_fails_open(make_client, upstream, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Redis can go away mid-request: after the lookup, the estimate's neighbours and the single-flight re-lookup
+    must fail open too."""
+    from cache.errors import StoreError
+    from cache.response_cache import ResponseCache
+
+    async def gone(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("Redis: connection reset")
+
+    monkeypatch.setattr(ResponseCache, "neighbours", gone)
+    monkeypatch.setattr(ResponseCache, "lookup_again", gone)
+    async with make_client() as client:
+        await client.post("/v1/chat/completions", json=chat(Q))
+        r = await client.post("/v1/chat/completions", json=chat("How far away is the Moon?"))
+        assert r.status_code == 200 and r.headers["x-token-estimate-source"] == "prompt"
+        import asyncio as aio
+
+        upstream_answers = await aio.gather(*(client.post("/v1/chat/completions", json=chat("Same one?"))
+                                              for _ in range(3)))  # fmt: skip
+    assert all(a.status_code == 200 for a in upstream_answers)
