@@ -58,6 +58,10 @@ bench: install-dev
 	$(BIN)/python -m bench.local_tier
 	$(BIN)/python -m bench.embedder_int8 --data $(DATA)
 	$(BIN)/python -m bench.cascade --data $(DATA)
+	$(BIN)/python -m bench.budget_overhead
+	$(BIN)/python -m bench.budget --data $(DATA)
+	$(BIN)/python -m bench.shared_load --data $(DATA) --restart-redis-at 30
+	$(BIN)/python -m bench.index_scale
 
 calibrate: install
 	$(BIN)/cachecade calibrate --pairs $(DATA)/qqp_pairs/pairs.json --max-false-hit 0.02
