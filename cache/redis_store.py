@@ -331,11 +331,11 @@ class RedisStore:
 
     async def purge_expired(self, now: float) -> list[int]:
         """Entries Redis expired leave their id in the LRU set: drop those ids (and tell the replicas)."""
-        ids = [int(x, 16) for x in await self._run(self.client.zrange(self._lru, 0, -1))]
+        ids = [int(x, 16) for x in await self._run(self.bulk.zrange(self._lru, 0, -1))]  # a scan: bulk timeout
         gone = []
         for start in range(0, len(ids), 1000):
             chunk = ids[start : start + 1000]
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.bulk.pipeline(transaction=False)
             for vid in chunk:
                 pipe.exists(self._e(vid))
             gone += [vid for vid, alive in zip(chunk, await self._run(pipe.execute()), strict=True) if not alive]
