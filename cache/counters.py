@@ -8,17 +8,13 @@ on: check every limit and add every amount, or change nothing.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
-from cache.errors import StoreError
-
-T = TypeVar("T")
+from cache.sqlite_writer import SQLiteWriter
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -64,42 +60,19 @@ class SQLiteCounters:
     """CounterStore in a local SQLite file. Every write runs on one thread inside BEGIN IMMEDIATE, so adds are
     atomic between tasks of this process and between processes sharing the file."""
 
-    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
-        self._path = path
+    def __init__(self, writer: SQLiteWriter, clock: Callable[[], float]) -> None:
+        self._writer = writer
+        self._run = writer.run
         self._clock = clock
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-counters")
-        self._db: sqlite3.Connection | None = None
-        self._closed = False
 
     @classmethod
     async def open(cls, path: Path, clock: Callable[[], float]) -> SQLiteCounters:
         """Create the file and schema if needed."""
-        counters = cls(path, clock)
-        await counters._run(counters._connect)
-        return counters
-
-    def _connect(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        self._db = db
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._closed:  # the executor is shut down: it would raise a bare RuntimeError
-            raise StoreError("the budget counters are closed")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"budget counters at {self._path}: {exc}") from exc
+        return cls(await SQLiteWriter.open(path, _SCHEMA, "budget counters"), clock)
 
     @property
     def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StoreError("the budget counters are closed")
-        return self._db
+        return self._writer.db
 
     def _values(self, keys: Sequence[str]) -> list[int]:
         now = self._clock()
@@ -139,8 +112,4 @@ class SQLiteCounters:
         return await self._run(purge)
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._closed = True
-        self._executor.shutdown(wait=True)
+        await self._writer.close()

@@ -8,20 +8,17 @@ writes).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from cache.errors import StoreError
+from cache.sqlite_writer import SQLiteWriter
 from cache.store import Entry, IndexedVector, PutResult
-
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -68,43 +65,27 @@ def _row_to_entry(row: tuple[Any, ...]) -> Entry:
 class SQLiteStore:
     """EntryStore on a local SQLite file (WAL mode). Open with `await SQLiteStore.open(path)`."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._db: sqlite3.Connection | None = None
+    def __init__(self, writer: SQLiteWriter) -> None:
+        self._writer = writer
+        self._path = writer.path
+        self._run = writer.run
         self._reader: sqlite3.Connection | None = None
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
         """Create the directory and schema if needed and open the database."""
-        store = cls(path)
-        await store._run(store._connect)
+        # ValueError: NaN in an answer, not storable.
+        writer = await SQLiteWriter.open(path, _SCHEMA, "embedded store", errors=(sqlite3.Error, OSError, ValueError))
+        store = cls(writer)
         try:
             store._reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"embedded store at {path}: {exc}") from exc
         return store
 
-    def _connect(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        self._db = db
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except (sqlite3.Error, OSError, ValueError) as exc:  # ValueError: NaN in an answer, not storable
-            raise StoreError(f"embedded store at {self._path}: {exc}") from exc
-
     @property
     def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StoreError("the embedded store is closed")
-        return self._db
+        return self._writer.db
 
     def _put(self, e: Entry, max_entries: int | None) -> PutResult:
         db = self.db
@@ -228,10 +209,7 @@ class SQLiteStore:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._executor.shutdown(wait=True)
+        await self._writer.close()
 
 
 def _filters(tenant: str | None, namespace: str | None) -> tuple[str, tuple[Any, ...]]:
