@@ -36,8 +36,9 @@ SAMPLE_QUESTIONS = [
 _WARMUP = 10  # first calls pay for allocations and thread start-up, which a running server has behind it
 
 
-def load_pair(name: str, cache_dir: Path, threads: int) -> dict[str, OnnxEmbedder]:
-    """The fp32 embedder and its int8 quantisation (made on first use), keyed "fp32" and "int8"."""
+def load_pair(name: str, cache_dir: Path, threads: int | None) -> dict[str, OnnxEmbedder]:
+    """The fp32 embedder and its int8 quantisation (made on first use), keyed "fp32" and "int8"; threads None:
+    each with its own default, as the server runs it."""
     return {"fp32": OnnxEmbedder.load(name, cache_dir, threads),
             "int8": OnnxEmbedder.load(name, cache_dir, threads, int8=True)}  # fmt: skip
 
@@ -114,14 +115,15 @@ def _vector_agreement(embedders: dict[str, OnnxEmbedder], texts: Sequence[str]) 
 
 
 def embedder_report(
-    name: str, cache_dir: Path, threads: int, pairs: Sequence[Pair] | None = None, queries: int = 300
+    name: str, cache_dir: Path, threads: int | None, pairs: Sequence[Pair] | None = None, queries: int = 300
 ) -> dict[str, Any]:
     """fp32 against int8 on the same inputs: size, single-query latency, and quality on `pairs` if given."""
     embedders = load_pair(name, cache_dir, threads)
     texts = latency_texts(pairs, queries)
     load_before = round(os.getloadavg()[0], 2)
     report: dict[str, Any] = {
-        "embedder": name, "threads": threads, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "embedder": name, "threads": {key: e.threads for key, e in embedders.items()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "models": {key: {"model_id": e.model_id, "file": e.onnx_path.name,
                          "size_mb": round(e.onnx_path.stat().st_size / 1e6, 1)} for key, e in embedders.items()},
         "latency": single_query_latency(embedders, texts),
@@ -193,7 +195,8 @@ def render_embedder_report(report: dict[str, Any]) -> str:
     fp32, int8 = latency["fp32"], latency["int8"]
     load = report["load_average_1min"]
     lines = [
-        f"embedder {report['embedder']}: fp32 vs int8 ONNX; {report['threads']} threads per query; "
+        f"embedder {report['embedder']}: fp32 vs int8 ONNX; threads per query "
+        f"{', '.join(f'{key} {n}' for key, n in report['threads'].items())}; "
         f"{fp32['queries']} single queries each, taking turns; {report['machine']}, "
         f"load average {load['before']:.2f} -> {load['after']:.2f}",
         _line("", f"fp32 ({models['fp32']['model_id']})", f"int8 ({models['int8']['model_id']})"),

@@ -79,8 +79,12 @@ class Settings(BaseSettings):
         "int8, ~1.5x faster again, slightly different vectors (own cache index; docs/compression.md); torch: "
         "sentence-transformers",
     )
-    embedder_threads: int = Field(
-        2, ge=1, le=64, description="threads for one embedding (onnx backend); 2 is fastest on a 2-core sidecar"
+    embedder_threads: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="threads for one embedding (onnx backends); unset: the fastest measured on a "
+        "2-core sidecar, 2 for onnx and 1 for onnx-int8",
     )
     hnsw_threshold: int = Field(50_000, ge=1, description="partition size past which search uses HNSW")
     share_cache_across_tenants: bool = Field(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import asyncio
 from pathlib import Path
 
@@ -83,7 +85,7 @@ def test_int8_embedder_gives_unit_vectors_of_the_same_size(int8_embedder, embedd
 
 def test_int8_embedder_has_its_own_model_id(int8_embedder, embedder) -> None:  # type: ignore[no-untyped-def]
     # Cache entries are indexed per model_id: int8 vectors must never be compared with stored fp32 ones.
-    assert int8_embedder.model_id == "all-MiniLM-L6-v2+int8" != embedder.model_id
+    assert int8_embedder.model_id == "all-MiniLM-L6-v2+int8-fused" != embedder.model_id
 
 
 def test_int8_vectors_stay_close_to_fp32(int8_embedder, embedder) -> None:  # type: ignore[no-untyped-def]
@@ -120,3 +122,14 @@ def test_int8_quantisation_that_strays_from_fp32_is_refused(
     with pytest.raises(EmbedderError, match="strays from fp32"):
         onnx_embedder.quantize_int8(embedder.onnx_path, model_dir, target)
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_export_is_fused_and_int8_quantises_the_fused_attention(int8_embedder, embedder) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    fp32_ops = {node.op_type for node in onnx.load(str(embedder.onnx_path), load_external_data=False).graph.node}
+    int8_ops = {node.op_type for node in onnx.load(str(int8_embedder.onnx_path)).graph.node}
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} <= fp32_ops
+    assert "QAttention" in int8_ops and "Attention" not in int8_ops
+    # each backend's faster setting when unset
+    assert embedder.threads == min(2, os.cpu_count() or 1) and int8_embedder.threads == 1

@@ -75,11 +75,11 @@ def test_compress_embedder_compares_fp32_and_int8(
                  "--json", str(out)])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "fp32 (all-MiniLM-L6-v2)" in printed and "int8 (all-MiniLM-L6-v2+int8)" in printed
+    assert "fp32 (all-MiniLM-L6-v2)" in printed and "int8 (all-MiniLM-L6-v2+int8-fused)" in printed
     assert "latency p50 (ms)" in printed and "hit rate on duplicates there" in printed
     report = json.loads(out.read_text())
     assert report["models"]["int8"]["size_mb"] < report["models"]["fp32"]["size_mb"] / 3
-    assert report["latency"]["int8"]["queries"] == 5 and report["threads"] == 2
+    assert report["latency"]["int8"]["queries"] == 5 and report["threads"] == {"fp32": 2, "int8": 1}
     assert report["quality"]["pairs"] == 3 and report["quality"]["cosine_fp32_int8"]["mean"] > 0.9
 
 
@@ -101,7 +101,7 @@ def test_calibrate_runs_on_the_int8_embedder(
     out = tmp_path / "report.json"
     assert main(["calibrate", "--pairs", str(path), "--backend", "onnx-int8", "--model-cache", str(model_cache),
                  "--json", str(out)]) == 0  # fmt: skip
-    assert json.loads(out.read_text())["embedder"] == "all-MiniLM-L6-v2+int8"
+    assert json.loads(out.read_text())["embedder"] == "all-MiniLM-L6-v2+int8-fused"
 
 
 def test_key_id_prints_the_id_budgets_use(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
