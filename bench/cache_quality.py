@@ -68,7 +68,7 @@ async def run(stored: Sequence[str], queries: Sequence[str], cache_dir: Path) ->
     with tempfile.TemporaryDirectory() as tmp:
         store = await SQLiteStore.open(Path(tmp) / "bench.sqlite3")
         policy = CachePolicy(threshold=min(THRESHOLDS), top_k=1, max_entries=None, ttl_s=None)
-        cache = ResponseCache(store, VectorIndex(embedder.dim, hnsw_threshold=10**9),
+        cache = ResponseCache(store, VectorIndex(embedder.dim, ivf_threshold=10**9),
                               Precomputed(vectors, embedder.model_id, embedder.dim), policy)  # type: ignore[arg-type]  # fmt: skip
         for i, text in enumerate(stored):
             await cache.put(chat_key(body(text), "bench", "default"), answer(i), vectors[text], tier="upstream")

@@ -53,7 +53,7 @@ class Follower:
         empty and the follower rebuilds once Redis answers). Returns the vectors indexed."""
         try:
             self.last_id = await self.store.last_event_id()
-            return await self.cache.rebuild_index()
+            return await self.cache.rebuild_index(purge=False)
         except StoreError as exc:
             log.warning("Redis unreachable at start, serving without the shared cache until it answers: %s", exc)
             self._stale = True
@@ -84,7 +84,7 @@ class Follower:
         first = await self.store.first_event_id()
         if first is None or _position(first) > _position(self.last_id):
             newest = await self.store.last_event_id()
-            loaded = await self.cache.rebuild_index()
+            loaded = await self.cache.rebuild_index(purge=False)
             self.last_id = newest
             self.stats.rebuilds += 1
             log.info("rebuilt the index from Redis after an outage: %d vectors", loaded)

@@ -72,6 +72,32 @@ def _usage(response: Mapping[str, Any]) -> tuple[int, int]:
     return int(usage.get("prompt_tokens") or 0), int(completion) if isinstance(completion, int) else -1
 
 
+class _Gathered:
+    """Vectors of one partition read at start, kept in blocks of BLOCK rows."""
+
+    BLOCK = 65_536
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.vids: list[int] = []
+        self.blocks: list[np.ndarray] = []
+        self._rows: list[np.ndarray] = []
+
+    def append(self, vid: int, vector: np.ndarray) -> None:
+        self.vids.append(vid)
+        self._rows.append(vector)
+        if len(self._rows) >= self.BLOCK:
+            self.blocks.append(np.vstack(self._rows).astype(np.float32, copy=False))
+            self._rows = []
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._rows:
+            self.blocks.append(np.vstack(self._rows).astype(np.float32, copy=False))
+            self._rows = []
+        vectors = np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.dim), dtype=np.float32)
+        return np.array(self.vids, dtype=np.int64), vectors
+
+
 class ResponseCache:
     """Looks requests up (exact, then semantic) and stores admitted answers."""
 
@@ -97,19 +123,21 @@ class ResponseCache:
             last_used, self._last_used = self._last_used, {}
             await self.store.touch(last_used)
 
-    async def rebuild_index(self) -> int:
-        """Load every live vector of this embedder from the store into the index (at start)."""
+    async def rebuild_index(self, purge: bool = True) -> int:
+        """Load every live vector of this embedder from the store into the index (at start). `purge` first drops
+        expired entries from the store; a Redis replica skips it (its store does not return expired vectors, and a
+        pass over 1M ids would delay the start by seconds): the minute's upkeep does it."""
         self.index.clear()
         if self.embedder is None:
             return 0
-        self.stats.expired += len(await self.store.purge_expired(self.clock()))
-        batches: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        if purge:
+            self.stats.expired += len(await self.store.purge_expired(self.clock()))
+        # Vectors are gathered in blocks per partition: a million small arrays would cost more than the vectors.
+        batches: dict[str, _Gathered] = {}
         async for item in self.store.iter_vectors(self.embedder.model_id):
-            vids, vectors = batches.setdefault(item.partition, ([], []))
-            vids.append(item.vid)
-            vectors.append(item.vector)
-        for partition, (vids, vectors) in batches.items():
-            self.index.add_many(partition, np.array(vids, dtype=np.int64), np.stack(vectors))
+            batches.setdefault(item.partition, _Gathered(self.index.dim)).append(item.vid, item.vector)
+        for partition, gathered in batches.items():
+            await self.index.load(partition, *gathered.arrays())
         return len(self.index)
 
     def threshold(self, key: CacheKey, request: Lookup) -> float:

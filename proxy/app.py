@@ -109,7 +109,7 @@ async def _start(
         )  # fmt: skip
     async_embedder = AsyncEmbedder(model)
     store, counters = await _open_stores(settings)
-    cache = ResponseCache(store, VectorIndex(model.dim, settings.hnsw_threshold), async_embedder,
+    cache = ResponseCache(store, VectorIndex(model.dim, settings.ivf_threshold, settings.ivf_nprobe), async_embedder,
                           settings.cache_policy())  # fmt: skip
     follower = None
     if isinstance(store, RedisStore):

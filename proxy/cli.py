@@ -34,7 +34,7 @@ Main settings:
   admin_token         bearer token of /admin, 16+ characters (unset: admin API disabled)
   data_dir            where the embedded store keeps its SQLite file
   cache_threshold     semantic hit threshold, cosine similarity in [0, 1] (higher = stricter)
-  cache_ttl_s, cache_max_entries, cache_max_temperature, cache_tool_calls, embedder, hnsw_threshold
+  cache_ttl_s, cache_max_entries, cache_max_temperature, cache_tool_calls, embedder, ivf_threshold
 See README.md for the full list.
 """
 

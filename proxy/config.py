@@ -86,7 +86,10 @@ class Settings(BaseSettings):
         description="threads for one embedding (onnx backends); unset: the fastest measured on a "
         "2-core sidecar, 2 for onnx and 1 for onnx-int8",
     )
-    hnsw_threshold: int = Field(50_000, ge=1, description="partition size past which search uses HNSW")
+    ivf_threshold: int = Field(
+        50_000, ge=1, description="partition size past which search uses an IVF index instead of exact search"
+    )
+    ivf_nprobe: int = Field(16, ge=1, le=4096, description="IVF cells searched per lookup (more: better recall, slower)")
     share_cache_across_tenants: bool = Field(
         False, description="serve one API key's cached answers to another (off: tenants are isolated)"
     )
