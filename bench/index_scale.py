@@ -2,13 +2,14 @@
 100k and 1M synthetic entries in one partition (the worst case: every entry searched by every lookup).
 
 Per size N (random unit vectors, 384-d float32, as all-MiniLM-L6-v2 gives; answers of ~200 bytes):
-  * the index in this process: VectorIndex.add_many of the N vectors (past hnsw_threshold the partition switches
-    to HNSW: that build is timed on its own), then VectorIndex.search (k=4) p50/p99 over --queries lookups (half
-    random vectors, misses; half noisy copies of stored vectors, hits, whose top-1 is checked), and its memory:
-    the RSS delta of this process / N;
+  * the index in this process: VectorIndex.load of the N vectors, as a replica's start loads a partition (past
+    ivf_threshold it builds an IVF-Flat index on the worker thread: timed), then VectorIndex.search (k=4)
+    p50/p99 over --queries lookups (half random vectors, misses; half noisy copies of stored vectors, hits,
+    whose top-1 is checked), and its memory: the RSS delta of this process / N;
   * the start-up rebuild: the N entries written to a real redis-server in RedisStore's exact layout (its own
     `_fields`, `_e`, `_x`, `_lru`, pipelined), Redis `used_memory` delta / N, then ResponseCache.rebuild_index
-    timed (purge of expired ids, SCAN + HMGET of every vector, index build).
+    timed as a Redis replica runs it (reading every vector, then the index build), and on its own the pass
+    over expired ids that each minute's upkeep makes (RedisStore.purge_expired).
 The entries' event stream is not written: it is capped at STREAM_MAXLEN events (~1.6 KB each, a fixed ~160 MB at
 most) and not read by a rebuild. Prints a table, writes bench/results/index_scale.json and .txt.
 
@@ -26,7 +27,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,29 +96,19 @@ def make_queries(rng: np.random.Generator, stored: np.ndarray, count: int) -> tu
     return queries.astype(np.float32), np.concatenate([rows, np.full(count - near, -1)])
 
 
-class Timed:
-    """Wraps a callable and adds up the seconds spent in it (to split the HNSW build out of a larger step)."""
+class TimedLoad:
+    """Wraps VectorIndex.load and adds up the seconds spent in it (to split the index build out of a rebuild)."""
 
-    def __init__(self, call: Callable[..., Any]) -> None:
-        self.call, self.seconds, self.calls = call, 0.0, 0
+    def __init__(self, index: VectorIndex) -> None:
+        self.load, self.seconds = index.load, 0.0
+        index.load = self  # type: ignore[method-assign]
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    async def __call__(self, *args: Any) -> None:
         started = time.perf_counter()
         try:
-            return self.call(*args, **kwargs)
+            await self.load(*args)
         finally:
             self.seconds += time.perf_counter() - started
-            self.calls += 1
-
-
-def timed_index(hnsw_threshold: int) -> tuple[VectorIndex, Timed, Timed]:
-    """A VectorIndex whose add_many and HNSW conversion are timed."""
-    index = VectorIndex(DIM, hnsw_threshold=hnsw_threshold)
-    hnsw = Timed(index._rebuild)
-    index._rebuild = hnsw  # type: ignore[method-assign]
-    add = Timed(index.add_many)
-    index.add_many = add  # type: ignore[method-assign]
-    return index, add, hnsw
 
 
 # --- (a) lookups and (b) memory, in this process ---------------------------------------------------------------
@@ -128,10 +119,12 @@ def measure_index(vectors: np.ndarray, queries: np.ndarray, expected: np.ndarray
     n = len(vectors)
     vids = np.arange(1, n + 1, dtype=np.int64)
     before = rss_bytes()
-    index, add, hnsw = timed_index(args.hnsw_threshold)
-    index.add_many(PARTITION, vids, vectors)
+    index = VectorIndex(DIM, ivf_threshold=args.ivf_threshold, nprobe=args.nprobe)
+    started = time.perf_counter()
+    asyncio.run(index.load(PARTITION, vids, vectors))
+    build_s = time.perf_counter() - started
     after = rss_bytes()
-    say(f"  index of {n} built in {add.seconds:.1f}s (HNSW conversion {hnsw.seconds:.1f}s); searching")
+    say(f"  index of {n} built in {build_s:.1f}s ({index.kind(PARTITION)}); searching")
     for q in queries[:50]:  # warm-up
         index.search(PARTITION, q, args.k)
     ms, top1 = [], 0
@@ -140,28 +133,19 @@ def measure_index(vectors: np.ndarray, queries: np.ndarray, expected: np.ndarray
         hits = index.search(PARTITION, q, args.k)
         ms.append((time.perf_counter() - started) * 1000)
         top1 += int(want >= 0 and bool(hits) and hits[0][0] == int(vids[want]))
-    part = index._partitions[PARTITION]
+    kind = index.kind(PARTITION)
     result = {
-        "hnsw": part.hnsw, "add_many_s": round(add.seconds, 3), "hnsw_build_s": round(hnsw.seconds, 3),
+        "kind": kind, "nprobe": args.nprobe if kind != "flat" else None, "build_s": round(build_s, 3),
         "lookup_p50_ms": round(percentile(ms, 50), 4), "lookup_p99_ms": round(percentile(ms, 99), 4),
         "lookup_mean_ms": round(float(np.mean(ms)), 4), "queries": len(ms),
         "near_top1_recall": round(top1 / max(1, int((expected >= 0).sum())), 4),
         "rss_delta_bytes": after - before, "index_bytes_per_entry": round((after - before) / n, 1),
-        "faiss_estimate_bytes_per_entry": faiss_estimate(part.hnsw, index.hnsw_m),
+        # what FAISS itself should hold per vector: the float32 vector, its id (8 B) and the id's hash-map node
+        # (~40 B; IVF's direct map, or IndexIDMap2's reverse map while flat)
+        "faiss_estimate_bytes_per_entry": round(DIM * 4 + 8 + 40.0, 1),
     }  # fmt: skip
-    del index, part
+    del index
     return result
-
-
-def faiss_estimate(hnsw: bool, m: int) -> float:
-    """Bytes FAISS itself should hold per vector, for comparison with the RSS delta: the float32 vector, the id
-    map (8 B) and IndexIDMap2's reverse hash map (~40 B a node); HNSW adds 2M int32 level-0 links, on average
-    M/(M-1) links per node on the upper levels (a node reaches each next level with probability 1/M), its level
-    (4 B) and its offset (8 B)."""
-    size = DIM * 4 + 8 + 40.0
-    if hnsw:
-        size += 2 * m * 4 + m * 4 / (m - 1) + 4 + 8
-    return round(size, 1)
 
 
 # --- (c) the start-up rebuild from Redis -----------------------------------------------------------------------
@@ -212,32 +196,26 @@ def used_memory(client: redis.Redis) -> int:
 
 
 async def rebuild(url: str, prefix: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Time ResponseCache.rebuild_index against the store, as a replica does at start, split into the purge of
-    expired ids (a pass over the LRU set), reading the vectors (SCAN + HMGET) and building the index."""
+    """Time ResponseCache.rebuild_index against the store as a Redis replica runs it at start (Follower.start:
+    no purge), split into reading the vectors and building the index; then, on its own, one upkeep purge."""
     store = RedisStore.from_url(url, prefix=prefix, timeout_s=args.redis_timeout)
-    purge = store.purge_expired
-    purge_s = 0.0
-
-    async def timed_purge(now: float) -> list[int]:
-        nonlocal purge_s
-        started = time.perf_counter()
-        try:
-            return await purge(now)
-        finally:
-            purge_s += time.perf_counter() - started
-
-    store.purge_expired = timed_purge  # type: ignore[method-assign]
-    index, add, hnsw = timed_index(args.hnsw_threshold)
+    index = VectorIndex(DIM, ivf_threshold=args.ivf_threshold, nprobe=args.nprobe)
+    load = TimedLoad(index)
     cache = ResponseCache(store, index, StubEmbedder(), CachePolicy())  # type: ignore[arg-type]
     try:
         started = time.perf_counter()
-        loaded = await cache.rebuild_index()
+        loaded = await cache.rebuild_index(purge=False)
         seconds = time.perf_counter() - started
+        kind, build_s = index.kind(PARTITION), load.seconds
+        del cache, index, load  # the purge below runs without a second 1M index in memory
+        started = time.perf_counter()
+        purged = len(await store.purge_expired(time.time()))
+        purge_s = time.perf_counter() - started
     finally:
         await store.close()
-    return {"rebuild_s": round(seconds, 3), "rebuild_loaded": loaded, "rebuild_purge_s": round(purge_s, 3),
-            "rebuild_redis_read_s": round(seconds - add.seconds - purge_s, 3),
-            "rebuild_index_add_s": round(add.seconds, 3), "rebuild_hnsw_build_s": round(hnsw.seconds, 3)}  # fmt: skip
+    return {"rebuild_s": round(seconds, 3), "rebuild_loaded": loaded, "rebuild_kind": kind,
+            "rebuild_redis_read_s": round(seconds - build_s, 3), "rebuild_index_build_s": round(build_s, 3),
+            "upkeep_purge_s": round(purge_s, 3), "upkeep_purged": purged}  # fmt: skip
 
 
 def measure_redis(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -310,16 +288,16 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"cachecade index scale ({m['platform']}, {m['cpus']} CPUs, Python {m['python']}, faiss "
              f"{report['faiss']}, load average 1/5/15 min start {m['load_average_start']} end "
              f"{m['load_average_end']})", f"data: {report['data']}", "",
-             f"{'entries':>9} {'kind':>5} {'add s':>7} {'hnsw s':>7} {'p50 ms':>7} {'p99 ms':>7} {'top1':>6} "
-             f"{'idx B/e':>8} {'redis B/e':>9} {'write s':>8} {'rebuild s':>9} {'(purge':>7} {'read':>7} "
-             f"{'hnsw s)':>8}"]  # fmt: skip
+             f"{'entries':>9} {'kind':>8} {'build s':>7} {'p50 ms':>7} {'p99 ms':>7} {'top1':>6} "
+             f"{'idx B/e':>8} {'redis B/e':>9} {'write s':>8} {'rebuild s':>9} {'(read':>7} {'build s)':>8} "
+             f"{'purge s':>7}"]  # fmt: skip
     for r in report["rows"]:
         redis_cols = (f"{r['redis_bytes_per_entry']:>9.0f} {r['redis_write_s']:>8.1f} {r['rebuild_s']:>9.2f} "
-                      f"{r['rebuild_purge_s']:>7.2f} {r['rebuild_redis_read_s']:>7.2f} "
-                      f"{r['rebuild_hnsw_build_s']:>8.2f}"
+                      f"{r['rebuild_redis_read_s']:>7.2f} {r['rebuild_index_build_s']:>8.2f} "
+                      f"{r['upkeep_purge_s']:>7.2f}"
                       if "rebuild_s" in r else f"{'-':>9} {'-':>8} {'-':>9} {'-':>7} {'-':>7} {'-':>8}")  # fmt: skip
-        lines.append(f"{r['entries']:>9} {'hnsw' if r['hnsw'] else 'flat':>5} {r['add_many_s']:>7.2f} "
-                     f"{r['hnsw_build_s']:>7.2f} {r['lookup_p50_ms']:>7.3f} {r['lookup_p99_ms']:>7.3f} "
+        lines.append(f"{r['entries']:>9} {r['kind']:>8} {r['build_s']:>7.2f} {r['lookup_p50_ms']:>7.3f} "
+                     f"{r['lookup_p99_ms']:>7.3f} "
                      f"{r['near_top1_recall']:>6.3f} {r['index_bytes_per_entry']:>8.0f} {redis_cols}")  # fmt: skip
     for r in report["rows"]:
         if "redis_memory_usage_one_entry" in r:
@@ -328,7 +306,7 @@ def render(report: dict[str, Any]) -> str:
                          f"JSON {r['response_json_bytes']} B, vector {DIM * 4} B), its exact key {u['exact_key']} B, "
                          f"LRU set {u['lru_set_per_member']} B a member; FAISS alone ~"
                          f"{r['faiss_estimate_bytes_per_entry']:.0f} B an entry")  # fmt: skip
-    lines += ["", "idx B/e: RSS delta of this process / N, after malloc_trim (FAISS vectors, links, id maps, the "
+    lines += ["", "idx B/e: RSS delta of this process / N, after malloc_trim (FAISS vectors, id maps, the "
               "index's id dict); redis B/e: used_memory delta / N (answer text: ~200 B); top1: near-duplicate "
               "queries whose first hit is the stored original", "",
               "targets (stated for 1,000,000 entries; checked on the largest size measured)"]  # fmt: skip
@@ -344,7 +322,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="10000,100000,1000000", help="entries per run, comma-separated")
     p.add_argument("--queries", type=int, default=2000, help="lookups timed per size (2000)")
     p.add_argument("--k", type=int, default=4, help="neighbours per lookup (4, the cache's top_k)")
-    p.add_argument("--hnsw-threshold", type=int, default=50_000, help="VectorIndex hnsw_threshold (50000)")
+    p.add_argument("--ivf-threshold", type=int, default=50_000, help="VectorIndex ivf_threshold (50000)")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF cells searched per lookup (16, the default)")
     p.add_argument("--redis-url", help="an existing Redis to use (default: start a redis-server per size)")
     p.add_argument(
         "--redis-timeout",
@@ -380,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "faiss": faiss.__version__,
         "data": f"synthetic: random unit vectors, {DIM}-d float32, one partition; {len(ANSWER)}-byte answers; "
         f"{args.queries} queries (half random, half noisy copies of stored vectors), k={args.k}; "
-        f"hnsw_threshold {args.hnsw_threshold}; seed {args.seed}",
+        f"ivf_threshold {args.ivf_threshold}, nprobe {args.nprobe}; seed {args.seed}",
         "rows": rows,
         "targets": targets(rows),
     }
