@@ -129,6 +129,7 @@ async def stats(svc: Admin) -> dict[str, Any]:
         "entries": await svc.cache.store.count(),
         "indexed_vectors": len(svc.cache.index),
         "partitions": svc.cache.index.partitions(),
+        "index_builds_in_flight": svc.cache.index.building(),
         "uptime_s": round(time.time() - svc.started_at, 1),
     }
 

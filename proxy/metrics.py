@@ -110,6 +110,8 @@ def _cache(svc: Services) -> Iterator[Metric]:
     yield _counter("cachecade_cache_too_long_for_semantic", "Lookups too long to embed (exact tier only)",
                    s.too_long_for_semantic)  # fmt: skip
     yield GaugeMetricFamily("cachecade_cache_index_vectors", "Vectors in this replica's index", len(svc.cache.index))
+    yield GaugeMetricFamily("cachecade_cache_index_builds", "Partitions whose larger (IVF) index is being built",
+                            svc.cache.index.building())  # fmt: skip
 
 
 def _cascade(svc: Services) -> Iterator[Metric]:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from cache.index import VectorIndex
 from cache.response_cache import CacheStats
 from proxy.app import create_app
 from proxy.cascade import CascadeStats
@@ -50,6 +51,7 @@ async def test_a_miss_then_a_hit(make_client: Any) -> None:
     assert value(found, "cachecade_cache_lookups_total", result="hit_semantic") == 0
     assert value(found, "cachecade_cache_stored_total") == 1
     assert value(found, "cachecade_cache_index_vectors") == 1
+    assert value(found, "cachecade_cache_index_builds") == 0
     assert value(found, "cachecade_tokens_total", kind="saved_by_cache") == 18  # the stored answer's usage
     assert value(found, "cachecade_tokens_total", kind="upstream_completion") == 7
     route = {"route": CHAT}
@@ -93,7 +95,7 @@ async def test_redis_store_and_follower(make_replica: Any) -> None:
 def test_cascade_and_token_counters_are_read_at_scrape_time() -> None:
     cascade = CascadeStats(served=Counter({"smollm2": 3}), escalated=Counter({"smollm2:low-confidence": 2}))
     tokens = TokenStats(local_prompt=10, local_completion=5, local_spent=40, clamped=1)
-    cache = SimpleNamespace(stats=CacheStats(bypassed=4), index=[], store=object())
+    cache = SimpleNamespace(stats=CacheStats(bypassed=4), index=VectorIndex(4), store=object())
     svc = SimpleNamespace(cache=cache, cascade=SimpleNamespace(stats=cascade), follower=None,
                           spending=SimpleNamespace(stats=tokens, budgets=SimpleNamespace(errors=2)))  # fmt: skip
     metrics = Metrics(lambda: svc)  # type: ignore[arg-type, return-value]
