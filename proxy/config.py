@@ -89,7 +89,9 @@ class Settings(BaseSettings):
     ivf_threshold: int = Field(
         50_000, ge=1, description="partition size past which search uses an IVF index instead of exact search"
     )
-    ivf_nprobe: int = Field(16, ge=1, le=4096, description="IVF cells searched per lookup (more: better recall, slower)")
+    ivf_nprobe: int = Field(
+        16, ge=1, le=4096, description="IVF cells searched per lookup (more: better recall, slower)"
+    )
     share_cache_across_tenants: bool = Field(
         False, description="serve one API key's cached answers to another (off: tenants are isolated)"
     )

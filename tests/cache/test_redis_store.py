@@ -5,20 +5,24 @@ EntryStore contract it shares with SQLite is in tests/cache/test_stores.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from cache import redis_store as redis_store_module
 from cache.counters import Count
 from cache.errors import StoreError
 from cache.redis_counters import RedisCounters
 from cache.redis_store import Breaker, Event, RedisStore
+from cache.store import Entry
 from local_models.processes import free_port, stop
 from tests.cache.test_stores import HOUR, RESPONSE, T0, entry
 from tests.redis_server import start_redis
@@ -80,6 +84,164 @@ async def test_unstorable_answer_is_not_announced(redis_store: RedisStore) -> No
         with pytest.raises(StoreError):
             await redis_store.put(entry(1, response={"choices": [{"logprob": bad}]}), None)
     assert await redis_store.last_event_id() == "0-0"
+
+
+# --- the layout: small fields packed, vectors as float16, the earlier layout still read -----------------------------
+
+
+def unit_vectors(n: int, dim: int = 384) -> np.ndarray:
+    vectors = np.random.default_rng(7).standard_normal((n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+async def test_entry_is_four_fields_with_a_float16_vector(redis_store: RedisStore) -> None:
+    vectors = unit_vectors(50)
+    for vid, vector in enumerate(vectors, 1):
+        await redis_store.put(entry(vid, vector=vector, expires_at=T0 + HOUR), None)
+    await redis_store.put(entry(99, vector=None, text=None), None)
+    assert set(await redis_store.client.hkeys(redis_store._e(1))) == {b"ix", b"meta", b"response", b"text"}
+    assert set(await redis_store.client.hkeys(redis_store._e(99))) == {b"ix", b"meta", b"response"}
+    got = {v.vid: v.vector async for v in redis_store.iter_vectors("emb")}
+    assert sorted(got) == list(range(1, 51))
+    stored = np.stack([got[vid] for vid in range(1, 51)])
+    assert stored.dtype == np.float32 and stored.shape == (50, 384)
+    cosines = np.sum(stored * vectors, axis=1) / np.linalg.norm(stored, axis=1)
+    assert np.max(np.abs(1 - cosines)) < 1e-5  # float16 rounding: ~1e-6 on 384-d unit vectors
+    one = await redis_store.get(1)
+    assert one is not None and one.vector is not None
+    np.testing.assert_array_equal(one.vector, got[1])
+
+
+async def test_vector_float16_cannot_hold_is_kept_as_float32(redis_store: RedisStore) -> None:
+    big = np.array([1e6, -3.0, 0.5, 7e4], dtype=np.float32)  # past float16's 65504: not a normalised embedding
+    await redis_store.put(entry(1, vector=big), None)
+    got = await redis_store.get(1)
+    assert got is not None and got.vector is not None
+    np.testing.assert_array_equal(got.vector, big)
+    [indexed] = [v async for v in redis_store.iter_vectors("emb")]
+    np.testing.assert_array_equal(indexed.vector, big)
+
+
+async def test_same_id_again_leaves_no_field_behind(redis_store: RedisStore) -> None:
+    await redis_store.put(entry(1, expires_at=T0 + HOUR), None)
+    await redis_store.put(entry(1, vector=None, text=None), None)
+    got = await redis_store.get(1)
+    assert got is not None and (got.vector, got.text, got.expires_at) == (None, None, None)
+    assert await redis_store.client.ttl(redis_store._e(1)) == -1
+
+
+def old_layout(e: Entry) -> dict[str, Any]:
+    """The hash of an entry as written before the fields were packed (a field each, vector float32, vid)."""
+    fields: dict[str, Any] = {k: getattr(e, k) for k in ("tenant", "namespace", "kind", "model", "partition",
+                                                          "exact_key", "tier", "embedder_id")}  # fmt: skip
+    fields |= {"vid": format(e.vid, "016x"), "response": json.dumps(e.response), "created_at": repr(e.created_at),
+               "expires_at": "" if e.expires_at is None else repr(e.expires_at), "prompt_tokens": e.prompt_tokens,
+               "completion_tokens": e.completion_tokens, "text": "" if e.text is None else e.text}  # fmt: skip
+    if e.vector is not None:
+        fields["vector"] = np.asarray(e.vector, dtype=np.float32).tobytes()
+    return fields
+
+
+async def put_old_layout(store: RedisStore, e: Entry) -> None:
+    """What a replica of the previous version wrote (a rolling upgrade shares one Redis)."""
+    pipe = store.client.pipeline(transaction=False)
+    pipe.hset(store._e(e.vid), mapping=old_layout(e))
+    pipe.set(store._x(e.exact_key), format(e.vid, "016x"))
+    pipe.zadd(store._lru, {format(e.vid, "016x"): e.created_at})
+    await pipe.execute()
+
+
+async def test_entries_of_the_earlier_layout_are_read(redis_store: RedisStore) -> None:
+    store = redis_store
+    old = entry(1, tenant="a", expires_at=T0 + HOUR, vector=np.full(4, 0.7, dtype=np.float32))
+    await put_old_layout(store, old)
+    await put_old_layout(store, entry(2, tenant="b", text=None, vector=None, embedder_id="other"))
+    await store.put(entry(3, tenant="a"), None)
+    for got in (await store.get(1), await store.get_exact("k1", now=T0)):
+        assert got is not None
+        assert (got.vid, got.tenant, got.namespace, got.kind, got.model, got.partition, got.exact_key, got.tier) == (
+            1, "a", "n", "chat", "m", "p", "k1", "upstream",
+        )  # fmt: skip
+        assert (got.created_at, got.expires_at, got.text, got.embedder_id) == (T0 + 1, T0 + HOUR, "question 1", "emb")
+        assert (got.response, got.prompt_tokens, got.completion_tokens) == (RESPONSE, 3, 4)
+        assert got.vector is not None and got.vector.dtype == np.float32
+        np.testing.assert_array_equal(got.vector, old.vector)  # float32, exactly as it was written
+    two = await store.get(2)
+    assert two is not None and (two.text, two.vector, two.expires_at, two.tenant) == (None, None, None, "b")
+    indexed = {v.vid: v async for v in store.iter_vectors("emb")}
+    assert sorted(indexed) == [1, 3]
+    np.testing.assert_array_equal(indexed[1].vector, old.vector)
+    assert await store.embedder_ids() == {"emb", "other"}
+    assert [e.vid for e in await store.list_entries(tenant=None, namespace=None, limit=10)] == [3, 2, 1]
+    assert sorted(await store.delete_where(tenant="a", namespace="n")) == [1, 3]
+    assert await store.get_exact("k1", now=T0) is None
+    assert await store.client.exists(store._x("k1")) == 0  # its exact key went with it
+    assert await store.delete([2]) == [2]
+    assert await store.count() == 0
+
+
+# --- bulk reads: ids from the LRU set, entries read in batches ------------------------------------------------------
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of 7 entries, 3 in flight, ZSCAN pages of 50: a few hundred entries cross every boundary."""
+    monkeypatch.setattr(redis_store_module, "BATCH", 7)
+    monkeypatch.setattr(redis_store_module, "PARALLEL", 3)
+    monkeypatch.setattr(redis_store_module, "ID_PAGE", 50)
+
+
+@pytest.fixture(params=["redis_store", "cluster_store"])
+def either_store(request: pytest.FixtureRequest) -> RedisStore:
+    """Redis (entries read by a Lua script per batch), then Redis Cluster (by a pipeline per batch)."""
+    store: RedisStore = request.getfixturevalue(request.param)
+    return store
+
+
+async def test_bulk_reads_cross_batches(either_store: RedisStore, small_batches: None) -> None:
+    store = either_store
+    vids = list(range(1, 301))  # past 128 members the LRU set is a skiplist: ZSCAN then returns it in pages
+    for vid in vids:
+        await store.put(entry(vid, embedder_id="other" if vid % 10 == 0 else "emb", expires_at=T0 + HOUR), None)
+    indexed = [v.vid async for v in store.iter_vectors("emb")]
+    assert sorted(indexed) == [v for v in vids if v % 10] and len(indexed) == len(set(indexed))
+    gone = [5, 77, 150, 299]
+    for vid in gone:  # as Redis does when an entry expires
+        await store.client.delete(store._e(vid))
+    assert sorted(await store.purge_expired(time.time())) == gone
+    assert await store.count() == len(vids) - len(gone)
+    others = [v for v in vids if v % 10 == 0 and v not in gone]
+    assert sorted([v.vid async for v in store.iter_vectors("other")]) == others
+
+
+async def test_rebuild_stopped_early_leaves_no_read_in_flight(redis_store: RedisStore, small_batches: None) -> None:
+    for vid in range(1, 60):
+        await redis_store.put(entry(vid), None)
+    vectors = redis_store.iter_vectors("emb")
+    assert isinstance(vectors, AsyncGenerator)
+    assert (await anext(vectors)).vid > 0
+    await vectors.aclose()
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_failed_batch_is_one_store_error(redis_store: RedisStore, small_batches: None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    for vid in range(1, 60):
+        await redis_store.put(entry(vid), None)
+    each = redis_store._each
+
+    async def fail_after_two(command: str, vids: list[int], args: Any) -> list[Any]:
+        calls.append(vids)
+        if len(calls) > 2:
+            raise RedisConnectionError("connection lost mid-rebuild")
+        return await each(command, vids, args)
+
+    calls: list[list[int]] = []
+    monkeypatch.setattr(redis_store, "_each", fail_after_two)
+    with pytest.raises(StoreError, match="connection lost"):
+        await _collect(redis_store.iter_vectors("emb"))
+    assert redis_store.errors == 1 and not redis_store.available  # one failure, however many batches were in flight
+    assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
 # --- events ---------------------------------------------------------------------------------------------------------
