@@ -303,7 +303,8 @@ def render(report: dict[str, Any]) -> str:
         if "redis_memory_usage_one_entry" in r:
             u = r["redis_memory_usage_one_entry"]
             lines.append(f"  {r['entries']:>9}: Redis MEMORY USAGE of one entry's hash {u['entry_hash']} B (response "
-                         f"JSON {r['response_json_bytes']} B, vector {DIM * 2} B as float16), its exact key {u['exact_key']} B, "
+                         f"JSON {r['response_json_bytes']} B, vector {DIM * 2} B as float16), its exact key "
+                         f"{u['exact_key']} B, "
                          f"LRU set {u['lru_set_per_member']} B a member; FAISS alone ~"
                          f"{r['faiss_estimate_bytes_per_entry']:.0f} B an entry")  # fmt: skip
     lines += ["", "idx B/e: RSS delta of this process / N, after malloc_trim (FAISS vectors, id maps, the "
