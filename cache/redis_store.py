@@ -28,7 +28,7 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -323,6 +323,14 @@ class RedisStore:
             await self._run(self.client.zadd(self._lru, {_hex(v): t for v, t in last_used.items()}, xx=True, gt=True))
 
     async def delete(self, vids: list[int]) -> list[int]:
+        """Delete entries (and their exact keys), BATCH ids per round trip: a flush of 1M entries must not put
+        them all in one pipeline on the request path's short timeout."""
+        deleted: list[int] = []
+        for start in range(0, len(vids), BATCH):
+            deleted += await self._delete_batch(vids[start : start + BATCH])
+        return deleted
+
+    async def _delete_batch(self, vids: list[int]) -> list[int]:
         if not vids:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -340,11 +348,20 @@ class RedisStore:
         await self._drop_exact(found)
         return [vid for vid, _ in found]
 
-    async def _drop_exact(self, found: Iterable[tuple[int, str]]) -> None:
+    async def _drop_exact(self, found: list[tuple[int, str]]) -> None:
         """Remove exact keys that still point at deleted entries (not ones a newer entry took over)."""
-        for vid, exact_key in found:
-            if await self._run(self.client.get(self._x(exact_key))) == _hex(vid).encode():
-                await self._run(self.client.delete(self._x(exact_key)))
+        if not found:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for _, exact_key in found:
+            pipe.get(self._x(exact_key))
+        owners = await self._run(pipe.execute())
+        stale = [key for (vid, key), owner in zip(found, owners, strict=True) if owner == _hex(vid).encode()]
+        if stale:
+            pipe = self.client.pipeline(transaction=False)  # a DEL each: on a cluster the keys are in other slots
+            for exact_key in stale:
+                pipe.delete(self._x(exact_key))
+            await self._run(pipe.execute())
 
     # --- bulk reads ---------------------------------------------------------------------------------------------
 

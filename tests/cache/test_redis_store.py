@@ -214,6 +214,17 @@ async def test_bulk_reads_cross_batches(either_store: RedisStore, small_batches:
     assert sorted([v.vid async for v in store.iter_vectors("other")]) == others
 
 
+async def test_delete_and_flush_cross_batches(either_store: RedisStore, small_batches: None) -> None:
+    store = either_store
+    for vid in range(1, 41):
+        await store.put(entry(vid, exact_key=f"k{vid}"), None)
+    assert sorted(await store.delete([*range(1, 21), 999])) == list(range(1, 21))  # 3 batches of 7
+    assert await store.get_exact("k3", T0) is None and await store.client.exists(store._x("k3")) == 0
+    assert (await store.get_exact("k33", T0)) is not None
+    assert await store.flush() == 20
+    assert await store.count() == 0 and await store.client.exists(store._x("k33")) == 0
+
+
 async def test_rebuild_stopped_early_leaves_no_read_in_flight(redis_store: RedisStore, small_batches: None) -> None:
     for vid in range(1, 60):
         await redis_store.put(entry(vid), None)
