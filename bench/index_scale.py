@@ -38,7 +38,8 @@ import redis
 from bench.common import RESULTS, machine, percentile, write_json
 from cache.index import VectorIndex
 from cache.policy import CachePolicy
-from cache.redis_store import RedisStore, _fields
+from cache.redis_layout import entry_fields
+from cache.redis_store import RedisStore
 from cache.response_cache import ResponseCache
 from cache.store import Entry
 from local_models.processes import stop
@@ -182,7 +183,7 @@ def write_entries(client: redis.Redis, store: RedisStore, n: int, rng: np.random
         vectors = unit_vectors(rng, min(WRITE_BATCH, n - start))
         for i, vector in enumerate(vectors, start):
             e = entry(i + 1, vector, now)
-            pipe.hset(store._e(e.vid), mapping=_fields(e))  # type: ignore[arg-type]  # bytes, str and int values
+            pipe.hset(store._e(e.vid), mapping=entry_fields(e))  # type: ignore[arg-type]  # bytes, str and int values
             pipe.set(store._x(e.exact_key), format(e.vid, "016x"))
             pipe.expireat(store._e(e.vid), int(e.expires_at or 0) + 1)
             pipe.expireat(store._x(e.exact_key), int(e.expires_at or 0) + 1)
@@ -233,7 +234,7 @@ def measure_redis(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, 
         say(f"  wrote {n} entries to Redis in {write_s:.1f}s ({grown / n:.0f} B each); rebuilding")
         result = {"redis_write_s": round(write_s, 3), "redis_bytes_per_entry": round(grown / n, 1),
                   **asyncio.run(rebuild(url, prefix, args))}  # fmt: skip
-        sample = _fields(entry(1, None, time.time()))
+        sample = entry_fields(entry(1, None, time.time()))
         result["response_json_bytes"] = len(sample["response"])
         result["redis_bytes_per_entry_less_answer"] = round(grown / n - len(ANSWER.encode()), 1)
         # where it goes: one entry's keys, as Redis counts them (the LRU sorted set's share is in the delta only)

@@ -19,7 +19,7 @@ from cache.counters import Count
 from cache.errors import StoreError
 
 if TYPE_CHECKING:
-    from cache.redis_store import Breaker
+    from cache.breaker import Breaker
 
 T = TypeVar("T")
 

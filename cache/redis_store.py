@@ -1,21 +1,16 @@
 """The shared store: entries in Redis, the source of truth for every replica (`CACHECADE_REDIS_URL`).
 
 Layout, under a prefix (default `cachecade:`), one hash slot per key so it works on Redis Cluster unchanged:
-  e:{<vid hex>}      a hash per entry, expiring at the entry's absolute TTL through EXPIREAT, in four fields
-                     (each field of a hash costs Redis ~50-70 B, so the small ones are packed):
-                       ix        what a rebuild reads: partition NUL embedder_id NUL expires_at NUL vector (float16)
-                       meta      JSON array of the rest (_META: tenant, namespace, kind, model, exact_key, ...)
-                       response  the answer, JSON
-                       text      the embedded text (absent when None)
-                     A vector float16 cannot hold (not normalised) goes in `vector` as float32. Entries written
-                     before this layout (a field each, `vid`, `vector` float32) are still read.
+  e:{<vid hex>}      a hash per entry (four fields: cache.redis_layout), expiring at the entry's absolute TTL
+                     through EXPIREAT
   x:{<exact key>}    the vid stored under an exact key (same expiry)
   lru                a sorted set vid -> last use, for the max-entries bound (least recently used go first)
   events             a stream of put / delete / flush / policy events that every replica follows
                      (cache.follower) to keep its FAISS index and its policies in step
 
 A replica that fails to reach Redis gets a StoreError at once (the pipeline then fails open) and, for a backoff
-that doubles up to MAX_BACKOFF_S, fails fast without touching the network; the first call after it tries again.
+that doubles up to 10 s (cache.breaker), fails fast without touching the network; the first call after it tries
+again.
 Entries that expire or are evicted by Redis itself (maxmemory) vanish without an event: a replica that finds an
 id in its index and no entry treats it as a miss and drops the id.
 """
@@ -37,11 +32,21 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from cache.breaker import Breaker
 from cache.errors import StoreError
+from cache.redis_layout import (
+    META,
+    REBUILD_FIELDS,
+    entry_fields,
+    entry_of,
+    hex_id,
+    index_fields,
+    small_fields,
+    stored_vector,
+)
 from cache.store import Entry, IndexedVector, PutResult
 
 T = TypeVar("T")
-MAX_BACKOFF_S = 10.0
 BULK_TIMEOUT_S = 30.0
 STREAM_MAXLEN = 100_000  # events kept (approximately); a replica further behind rebuilds from the entries
 BATCH = 1000  # entries per bulk read: one Lua script (a few ms of the server's time) or one pipeline
@@ -51,11 +56,6 @@ ID_PAGE = 10_000  # LRU ids per ZSCAN call: ~8 ms of the server's time each
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 # `ARGV[1] key ARGV[2..]` on each key: a batch of reads in one round trip, parsed as one reply.
 _EACH = "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.call(ARGV[1], k, unpack(ARGV, 2)) end return out"
-_META = ("tenant", "namespace", "kind", "model", "exact_key", "tier", "created_at", "prompt_tokens",
-         "completion_tokens")  # fmt: skip
-# What a rebuild reads: `ix` (and `vector`, float32, when float16 could not hold it), or the earlier layout's fields.
-_REBUILD = ("ix", "vector", "partition", "embedder_id", "expires_at")
-_F16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass(frozen=True)
@@ -71,110 +71,6 @@ class Event:
     vector: np.ndarray | None = None
     name: str = ""  # policy: cache | cascade | budgets
     policy: dict[str, Any] | None = None
-
-
-class Breaker:
-    """Fail fast while Redis is unreachable: after a failure, calls raise StoreError at once for a backoff that
-    doubles (0.25 s up to MAX_BACKOFF_S); the first call after it tries the network again."""
-
-    def __init__(self) -> None:
-        self.errors = 0
-        self._backoff = 0.0
-        self._down_until = 0.0
-
-    @property
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def check(self) -> None:
-        """Raise StoreError at once while backing off."""
-        now = time.monotonic()
-        if now < self._down_until:
-            raise StoreError(f"Redis unavailable, retrying in {self._down_until - now:.1f}s")
-
-    def failed(self, exc: BaseException) -> StoreError:
-        """Record a failure (start or lengthen the backoff); returns the StoreError to raise."""
-        self.errors += 1
-        self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 or 0.25)
-        self._down_until = time.monotonic() + self._backoff
-        return StoreError(f"Redis: {exc}")
-
-    async def run(self, call: Awaitable[T]) -> T:
-        try:
-            self.check()
-        except StoreError:
-            if hasattr(call, "close"):
-                call.close()  # the coroutine never runs
-            raise
-        try:
-            result = await call
-        except (RedisError, OSError) as exc:
-            raise self.failed(exc) from exc
-        self._backoff = 0.0
-        return result
-
-
-def _hex(vid: int) -> str:
-    return format(vid, "016x")
-
-
-def _fields(e: Entry) -> dict[str, Any]:
-    """The hash of an entry (see the module's docstring). Raises ValueError for what cannot be stored."""
-    if "\0" in e.partition + e.embedder_id:
-        raise ValueError("NUL in a partition or embedder id")
-    vector = None if e.vector is None else np.asarray(e.vector, dtype=np.float32)
-    # float16 halves the bytes and moves the cosine of unit vectors by ~1e-6, far below a threshold's step; a
-    # vector it cannot hold (past 65504, or NaN: not normalised) is kept as float32.
-    half = vector is not None and bool(np.abs(vector).max(initial=0.0) <= _F16_MAX)
-    v16 = vector.astype(np.float16).tobytes() if vector is not None and half else b""
-    expires = b"" if e.expires_at is None else repr(e.expires_at).encode()
-    fields: dict[str, Any] = {
-        "ix": b"\0".join([e.partition.encode(), e.embedder_id.encode(), expires, v16]),
-        "meta": json.dumps([getattr(e, k) for k in _META], separators=(",", ":")),
-        "response": json.dumps(e.response, allow_nan=False, separators=(",", ":")),
-    }  # fmt: skip
-    if e.text is not None:
-        fields["text"] = e.text
-    if vector is not None and not half:
-        fields["vector"] = vector.tobytes()
-    return fields
-
-
-def _index_part(values: Sequence[bytes | None]) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
-    """(partition, embedder_id, expires_at, float16 vector) from the values of _REBUILD, in either layout."""
-    ix, _, partition, embedder, expires = values
-    if ix is None:
-        return partition, embedder, expires, None
-    partition, embedder, expires, v16 = ix.split(b"\0", 3)
-    return partition, embedder, expires, v16
-
-
-def _vector(v16: bytes | None, v32: bytes | None) -> np.ndarray | None:
-    if v16:
-        return np.frombuffer(v16, dtype=np.float16).astype(np.float32)
-    return np.frombuffer(v32, dtype=np.float32) if v32 else None
-
-
-def _meta(f: Mapping[str, bytes | None]) -> dict[str, Any]:
-    """The small fields of an entry: its JSON `meta`, or (the earlier layout) a field each."""
-    packed = f.get("meta")
-    if packed:
-        return dict(zip(_META, json.loads(packed), strict=False))  # not strict: a later version may append
-    old = {k: (f[k] or b"").decode() for k in _META}
-    return old | {"created_at": float(old["created_at"]), "prompt_tokens": int(old["prompt_tokens"]),
-                  "completion_tokens": int(old["completion_tokens"])}  # fmt: skip
-
-
-def _entry(vid: int, raw: Mapping[bytes, bytes]) -> Entry:
-    f = {k.decode(): v for k, v in raw.items()}
-    partition, embedder, expires, v16 = _index_part([f.get(k) for k in _REBUILD])
-    if partition is None or embedder is None:
-        raise KeyError("partition")
-    return Entry(
-        vid=vid, **_meta(f), partition=partition.decode(), embedder_id=embedder.decode(),
-        response=json.loads(f["response"]), expires_at=float(expires) if expires else None,
-        text=f.get("text", b"").decode() or None, vector=_vector(v16, f.get("vector")),
-    )  # fmt: skip
 
 
 class RedisStore:
@@ -207,7 +103,7 @@ class RedisStore:
     # --- keys and the circuit breaker ---------------------------------------------------------------------------
 
     def _e(self, vid: int) -> str:
-        return f"{self.prefix}e:{{{_hex(vid)}}}"
+        return f"{self.prefix}e:{{{hex_id(vid)}}}"
 
     def _x(self, exact_key: str) -> str:
         return f"{self.prefix}x:{{{exact_key}}}"
@@ -274,24 +170,24 @@ class RedisStore:
         replaced = [int(old, 16)] if old is not None and int(old, 16) != entry.vid else []
         pipe = self.client.pipeline(transaction=False)
         try:
-            fields = _fields(entry)
+            fields = entry_fields(entry)
         except ValueError as exc:  # NaN in an answer, say: not storable, and not a reason to fail the request
             raise StoreError(f"answer not storable: {exc}") from exc
         pipe.delete(self._e(entry.vid))  # the same id again: no field (or TTL) of the earlier write is left behind
         pipe.hset(self._e(entry.vid), mapping=fields)
-        pipe.set(self._x(entry.exact_key), _hex(entry.vid))
+        pipe.set(self._x(entry.exact_key), hex_id(entry.vid))
         if entry.expires_at is not None:
             pipe.expireat(self._e(entry.vid), int(entry.expires_at) + 1)
             pipe.expireat(self._x(entry.exact_key), int(entry.expires_at) + 1)
-        pipe.zadd(self._lru, {_hex(entry.vid): entry.created_at})
+        pipe.zadd(self._lru, {hex_id(entry.vid): entry.created_at})
         for vid in replaced:
             pipe.delete(self._e(vid))
-            pipe.zrem(self._lru, _hex(vid))
+            pipe.zrem(self._lru, hex_id(vid))
         vector = b"" if entry.vector is None else np.asarray(entry.vector, dtype=np.float32).tobytes()
-        self._event(pipe, "put", vid=_hex(entry.vid), partition=entry.partition, embedder_id=entry.embedder_id,
+        self._event(pipe, "put", vid=hex_id(entry.vid), partition=entry.partition, embedder_id=entry.embedder_id,
                     vector=vector)  # fmt: skip
         for vid in replaced:
-            self._event(pipe, "delete", vid=_hex(vid))
+            self._event(pipe, "delete", vid=hex_id(vid))
         await self._run(pipe.execute())
         evicted = await self._evict(max_entries, keep=entry.vid) if max_entries is not None else []
         return PutResult(replaced, evicted)
@@ -307,9 +203,9 @@ class RedisStore:
     async def get(self, vid: int) -> Entry | None:
         raw = await self._run(self.client.hgetall(self._e(vid)))
         try:
-            return _entry(vid, raw) if raw else None
+            return entry_of(vid, raw) if raw else None
         except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:  # a damaged entry is a miss, not a 500
-            raise StoreError(f"Redis entry {_hex(vid)} is malformed: {exc!r}") from exc
+            raise StoreError(f"Redis entry {hex_id(vid)} is malformed: {exc!r}") from exc
 
     async def get_exact(self, exact_key: str, now: float) -> Entry | None:
         vid = await self._run(self.client.get(self._x(exact_key)))
@@ -320,7 +216,7 @@ class RedisStore:
 
     async def touch(self, last_used: dict[int, float]) -> None:
         if last_used:
-            await self._run(self.client.zadd(self._lru, {_hex(v): t for v, t in last_used.items()}, xx=True, gt=True))
+            await self._run(self.client.zadd(self._lru, {hex_id(v): t for v, t in last_used.items()}, xx=True, gt=True))
 
     async def delete(self, vids: list[int]) -> list[int]:
         """Delete entries (and their exact keys), BATCH ids per round trip: a flush of 1M entries must not put
@@ -337,13 +233,13 @@ class RedisStore:
         for vid in vids:
             pipe.hmget(self._e(vid), ["meta", "exact_key"])  # exact_key: the earlier layout
         rows = await self._run(pipe.execute())
-        found = [(vid, json.loads(meta)[_META.index("exact_key")] if meta else old.decode())
+        found = [(vid, json.loads(meta)[META.index("exact_key")] if meta else old.decode())
                  for vid, (meta, old) in zip(vids, rows, strict=True) if meta or old is not None]  # fmt: skip
         pipe = self.client.pipeline(transaction=False)
         for vid, _ in found:
             pipe.delete(self._e(vid))
-            self._event(pipe, "delete", vid=_hex(vid))
-        pipe.zrem(self._lru, *[_hex(v) for v in vids])
+            self._event(pipe, "delete", vid=hex_id(vid))
+        pipe.zrem(self._lru, *[hex_id(v) for v in vids])
         await self._run(pipe.execute())
         await self._drop_exact(found)
         return [vid for vid, _ in found]
@@ -356,7 +252,7 @@ class RedisStore:
         for _, exact_key in found:
             pipe.get(self._x(exact_key))
         owners = await self._run(pipe.execute())
-        stale = [key for (vid, key), owner in zip(found, owners, strict=True) if owner == _hex(vid).encode()]
+        stale = [key for (vid, key), owner in zip(found, owners, strict=True) if owner == hex_id(vid).encode()]
         if stale:
             pipe = self.client.pipeline(transaction=False)  # a DEL each: on a cluster the keys are in other slots
             for exact_key in stale:
@@ -435,10 +331,10 @@ class RedisStore:
 
     async def _scan_meta(self) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """(vid, small fields) of every entry hash; hashes gone (or damaged) since the SCAN are skipped."""
-        fields = ("meta", *_META)
+        fields = ("meta", *META)
         async for vid, values in self._scan_entries(fields):
             with contextlib.suppress(KeyError, ValueError, TypeError, UnicodeDecodeError):
-                yield vid, _meta(dict(zip(fields, values, strict=True)))
+                yield vid, small_fields(dict(zip(fields, values, strict=True)))
 
     # --- scans --------------------------------------------------------------------------------------------------
 
@@ -463,9 +359,9 @@ class RedisStore:
                 gone += [vid for vid, exists in zip(batch, alive, strict=True) if not exists]
         if gone:
             pipe = self.client.pipeline(transaction=False)
-            pipe.zrem(self._lru, *[_hex(v) for v in gone])
+            pipe.zrem(self._lru, *[hex_id(v) for v in gone])
             for vid in gone:
-                self._event(pipe, "delete", vid=_hex(vid))
+                self._event(pipe, "delete", vid=hex_id(vid))
             await self._run(pipe.execute())
         return gone
 
@@ -483,20 +379,20 @@ class RedisStore:
         SCAN of the keyspace and an HMGET per key took ~28 us (~40 us with redis-py's own parser)."""
         now, mine = time.time(), embedder_id.encode()
         # aclosing: a caller that stops early closes the batches at once, cancelling the reads in flight
-        async with contextlib.aclosing(self._each_batch("HMGET", await self._lru_ids(), _REBUILD)) as batches:
+        async with contextlib.aclosing(self._each_batch("HMGET", await self._lru_ids(), REBUILD_FIELDS)) as batches:
             async for batch, rows in batches:
                 for vid, values in zip(batch, rows, strict=True):
-                    partition, embedder, expires, v16 = _index_part(values)
+                    partition, embedder, expires, v16 = index_fields(values)
                     if embedder == mine and partition is not None and (not expires or float(expires) > now):
-                        vector = _vector(v16, values[1])
+                        vector = stored_vector(v16, values[1])
                         if vector is not None:
                             yield IndexedVector(vid, partition.decode(), vector)
 
     async def embedder_ids(self, limit: int = 1000) -> set[str]:
         """The embedder ids of (up to `limit`) stored entries: a replica checks it does not mix vectors."""
         seen: set[str] = set()
-        async for _, values in self._scan_entries(_REBUILD):
-            embedder = _index_part(values)[1]
+        async for _, values in self._scan_entries(REBUILD_FIELDS):
+            embedder = index_fields(values)[1]
             if embedder:
                 seen.add(embedder.decode())
             limit -= 1

@@ -18,10 +18,11 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cache import redis_store as redis_store_module
+from cache.breaker import Breaker
 from cache.counters import Count
 from cache.errors import StoreError
 from cache.redis_counters import RedisCounters
-from cache.redis_store import Breaker, Event, RedisStore
+from cache.redis_store import Event, RedisStore
 from cache.store import Entry
 from local_models.processes import free_port, stop
 from tests.cache.test_stores import HOUR, RESPONSE, T0, entry
