@@ -226,6 +226,14 @@ async def test_delete_and_flush_cross_batches(either_store: RedisStore, small_ba
     assert await store.count() == 0 and await store.client.exists(store._x("k33")) == 0
 
 
+async def test_flush_drops_the_ids_of_entries_redis_expired(redis_store: RedisStore) -> None:
+    for vid in (1, 2, 3):
+        await redis_store.put(entry(vid), None)
+    await redis_store.client.delete(redis_store._e(2))  # as Redis does when an entry expires: its id stays in lru
+    assert await redis_store.flush() == 2
+    assert await redis_store.count() == 0
+
+
 async def test_rebuild_stopped_early_leaves_no_read_in_flight(redis_store: RedisStore, small_batches: None) -> None:
     for vid in range(1, 60):
         await redis_store.put(entry(vid), None)
