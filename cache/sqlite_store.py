@@ -91,7 +91,8 @@ class SQLiteStore:
         db = self.db
         with db:
             db.execute("BEGIN IMMEDIATE")
-            replaced = [r[0] for r in db.execute("SELECT vid FROM entries WHERE exact_key = ?", (e.exact_key,))]
+            replaced = [r[0] for r in db.execute("SELECT vid FROM entries WHERE exact_key = ? AND vid != ?",
+                                                 (e.exact_key, e.vid))]  # fmt: skip  # the same entry again: none
             db.execute("DELETE FROM entries WHERE exact_key = ?", (e.exact_key,))
             vector = None if e.vector is None else np.asarray(e.vector, dtype=np.float32).tobytes()
             db.execute(

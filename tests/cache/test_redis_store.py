@@ -46,15 +46,6 @@ async def wait_for_redis_expiry(expires_at: float) -> None:
 # --- where Redis goes beyond the EntryStore contract (tests/cache/test_stores.py) ----------------------------------
 
 
-async def test_same_entry_again_replaces_nothing(redis_store: RedisStore) -> None:
-    await redis_store.put(entry(1, exact_key="same"), None)
-    assert (await redis_store.put(entry(2, exact_key="same"), None)).replaced == [1]
-    assert (await redis_store.put(entry(2, exact_key="same"), None)).replaced == []  # the same entry again
-    got = await redis_store.get_exact("same", now=T0)
-    assert got is not None and got.vid == 2
-    assert await redis_store.count() == 1
-
-
 async def test_expired_entry_not_indexed(redis_store: RedisStore) -> None:
     await redis_store.put(entry(1), None)
     await redis_store.put(entry(5, expires_at=T0 - 1), None)  # past its TTL: not indexed

@@ -104,6 +104,15 @@ async def test_same_exact_key_replaces(store: EntryStore) -> None:
     assert got is not None and got.vid == 2 and got.response == {"v": 2}
 
 
+async def test_same_entry_again_replaces_nothing(store: EntryStore) -> None:
+    await store.put(entry(1, exact_key="same"), None)
+    assert (await store.put(entry(2, exact_key="same"), None)).replaced == [1]
+    assert (await store.put(entry(2, exact_key="same"), None)).replaced == []  # the same entry again
+    got = await store.get_exact("same", now=T0)
+    assert got is not None and got.vid == 2
+    assert await store.count() == 1
+
+
 async def test_lru_eviction_uses_touch(store: EntryStore) -> None:
     for vid in (1, 2, 3):
         await store.put(entry(vid), max_entries=3)  # last use = created_at = T0 + vid
