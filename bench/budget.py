@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from bench.cascade import MODEL_CACHE, big_upstream_settings, say, serve
-from bench.common import RESULTS, machine, percentile, write_json
+from bench.common import machine, percentile, write_report
 from cache.embedder import load_embedder
 from cache.response_cache import Neighbour
 from local_models.budget import plan_decoding, with_hint
@@ -301,8 +301,7 @@ def merge(paths: Sequence[str], out: str) -> int:
     merged["rows"].sort(key=lambda row: (row["model"], row["dataset"]))
     text = render(merged["rows"])
     print(text)
-    write_json(out, merged)
-    (RESULTS / f"{out}.txt").write_text(text + "\n")
+    write_report(out, merged, text)
     plot(merged["rows"], PLOT)
     return 0
 
@@ -337,8 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "estimate_sources": sources, "clamp_checks": checks,
               "answers": {m: {d: {s: [asdict(replace(a, text=a.text[:200])) for a in v] for s, v in by.items()}
                               for d, by in ds.items()} for m, ds in results.items()}}  # fmt: skip
-    write_json(args.out, report)
-    (RESULTS / f"{args.out}.txt").write_text(text + "\n")
+    write_report(args.out, report, text)
     if args.out == "budget":
         plot(table, PLOT)
     return 0

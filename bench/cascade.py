@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import RESULTS, machine, percentile, write_json
+from bench.common import RESULTS, machine, percentile, write_report
 from local_models.calibration import (
     MAX_TOKENS,
     QAItem,
@@ -334,9 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = asyncio.run(run(args, Path(workdir)))
     table = render(report)
     print(table)
-    path = write_json("cascade", report, args.out)
     calibration = f"\n\ncalibration:\n{render_table(report['calibration'])}" if report["calibration"] else ""
-    path.with_suffix(".txt").write_text(table + calibration + "\n")
+    path = write_report("cascade", report, table + calibration, args.out)
     plot(report["rows"], args.plot)
     say(f"wrote {path}, {path.with_suffix('.txt')} and {args.plot}")
     return 0

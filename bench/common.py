@@ -32,3 +32,10 @@ def write_json(name: str, report: dict[str, Any], out: Path | None = None) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     return path
+
+
+def write_report(name: str, report: dict[str, Any], text: str, out: Path | None = None) -> Path:
+    """write_json, plus the printed table as a .txt beside the JSON; returns the JSON's path."""
+    path = write_json(name, report, out)
+    path.with_suffix(".txt").write_text(text + "\n")
+    return path

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.common import machine, write_json
+from bench.common import machine, write_report
 from cache.calibration import load_pairs
 from cache.compression import embedder_report, render_embedder_report
 from cache.embedder import DEFAULT_EMBEDDER
@@ -46,8 +46,7 @@ def main() -> None:
     text = f"QQP ({report['bench']['data']}, {sample}); machine: {report['bench']['machine']}\n"
     text += render_embedder_report(report)
     print(text)
-    path = write_json("embedder_int8", report, args.out)
-    path.with_suffix(".txt").write_text(text + "\n")
+    path = write_report("embedder_int8", report, text, args.out)
     print(f"wrote {path} and {path.with_suffix('.txt').name} ({report['bench']['seconds']} s)")
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from bench.common import RESULTS, machine, percentile, write_json
+from bench.common import RESULTS, machine, percentile, write_report
 from cache.index import VectorIndex
 from cache.policy import CachePolicy
 from cache.redis_layout import entry_fields
@@ -367,8 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     table = render(report)
     print("\n" + table)
-    path = write_json("index_scale", report, args.out)
-    path.with_suffix(".txt").write_text(table + "\n")
+    path = write_report("index_scale", report, table, args.out)
     say(f"wrote {path} and {path.with_suffix('.txt')}")
     return 0
 

@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 from bench.cascade import serve
-from bench.common import RESULTS, machine, percentile, write_json
+from bench.common import RESULTS, machine, percentile, write_report
 from bench.latency import API_KEY, GENERATION
 from local_models.processes import start_llama_server, stop
 from local_models.registry import smollm2_gguf
@@ -498,8 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }  # fmt: skip
     table = render(report)
     print("\n" + table)
-    path = write_json("shared_load", report, args.out)
-    path.with_suffix(".txt").write_text(table + "\n")
+    path = write_report("shared_load", report, table, args.out)
     say(f"wrote {path} and {path.with_suffix('.txt')}")
     return 0
 
