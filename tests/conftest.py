@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from local_models.processes import ServerFailed, free_port, stop
 from tests.redis_server import start_redis
 
-__all__ = ["free_port"]
+__all__ = ["free_port", "served"]
+T = TypeVar("T")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -47,11 +50,19 @@ def engines(model_cache: Path):  # type: ignore[no-untyped-def]
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server of this test session's own, on a free port; yields `redis://127.0.0.1:<port>/0`. Fails (never
     skips) when redis-server cannot start: `make test` installs it."""
+    with served(lambda: start_redis(tmp_path_factory.mktemp("redis") / "redis.log"), stop) as url:
+        yield url
+
+
+@contextmanager
+def served(start: Callable[[], tuple[T, str]], stop_server: Callable[[T], None]) -> Iterator[str]:
+    """The URL of the server `start` brings up, stopped on the way out. A server that cannot start fails the test,
+    never skips it: `make test` installs what the tests need."""
     try:
-        process, url = start_redis(tmp_path_factory.mktemp("redis") / "redis.log")
+        server, url = start()
     except ServerFailed as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
         yield url
     finally:
-        stop(process)
+        stop_server(server)

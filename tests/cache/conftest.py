@@ -10,7 +10,7 @@ import redis.asyncio as redis
 
 from cache.redis_counters import RedisCounters
 from cache.redis_store import RedisStore
-from local_models.processes import ServerFailed
+from tests.conftest import served
 from tests.redis_cluster import start_cluster, stop_cluster
 
 
@@ -38,11 +38,5 @@ async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
 def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A 3-master Redis Cluster of this test session's own; yields the URL of one node. Fails (never skips) when
     redis-server or redis-cli is missing or the cluster does not form."""
-    try:
-        processes, url = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
-    except ServerFailed as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
+    with served(lambda: start_cluster(tmp_path_factory.mktemp("redis-cluster")), stop_cluster) as url:
         yield url
-    finally:
-        stop_cluster(processes)
