@@ -72,32 +72,6 @@ def _usage(response: Mapping[str, Any]) -> tuple[int, int]:
     return int(usage.get("prompt_tokens") or 0), int(completion) if isinstance(completion, int) else -1
 
 
-class _Gathered:
-    """Vectors of one partition read at start, kept in blocks of BLOCK rows."""
-
-    BLOCK = 65_536
-
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.vids: list[int] = []
-        self.blocks: list[np.ndarray] = []
-        self._rows: list[np.ndarray] = []
-
-    def append(self, vid: int, vector: np.ndarray) -> None:
-        self.vids.append(vid)
-        self._rows.append(vector)
-        if len(self._rows) >= self.BLOCK:
-            self.blocks.append(np.vstack(self._rows).astype(np.float32, copy=False))
-            self._rows = []
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._rows:
-            self.blocks.append(np.vstack(self._rows).astype(np.float32, copy=False))
-            self._rows = []
-        vectors = np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.dim), dtype=np.float32)
-        return np.array(self.vids, dtype=np.int64), vectors
-
-
 class ResponseCache:
     """Looks requests up (exact, then semantic) and stores admitted answers."""
 
@@ -132,12 +106,13 @@ class ResponseCache:
             return 0
         if purge:
             self.stats.expired += len(await self.store.purge_expired(self.clock()))
-        # Vectors are gathered in blocks per partition: a million small arrays would cost more than the vectors.
-        batches: dict[str, _Gathered] = {}
+        batches: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         async for item in self.store.iter_vectors(self.embedder.model_id):
-            batches.setdefault(item.partition, _Gathered(self.index.dim)).append(item.vid, item.vector)
-        for partition, gathered in batches.items():
-            await self.index.load(partition, *gathered.arrays())
+            vids, vectors = batches.setdefault(item.partition, ([], []))
+            vids.append(item.vid)
+            vectors.append(item.vector)
+        for partition, (vids, vectors) in batches.items():
+            await self.index.load(partition, np.array(vids, dtype=np.int64), np.stack(vectors))
         return len(self.index)
 
     def threshold(self, key: CacheKey, request: Lookup) -> float:
