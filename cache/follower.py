@@ -52,8 +52,7 @@ class Follower:
         """Read the stream position, then rebuild the index (fail open: an unreachable store leaves the index
         empty and the follower rebuilds once Redis answers). Returns the vectors indexed."""
         try:
-            self.last_id = await self.store.last_event_id()
-            return await self.cache.rebuild_index(purge=False)
+            return await self._rebuild()
         except StoreError as exc:
             log.warning("Redis unreachable at start, serving without the shared cache until it answers: %s", exc)
             self._stale = True
@@ -83,12 +82,18 @@ class Follower:
         """After an outage: catch up from the stream when it still holds what we missed, else rebuild."""
         first = await self.store.first_event_id()
         if first is None or _position(first) > _position(self.last_id):
-            newest = await self.store.last_event_id()
-            loaded = await self.cache.rebuild_index(purge=False)
-            self.last_id = newest
+            loaded = await self._rebuild()
             self.stats.rebuilds += 1
             log.info("rebuilt the index from Redis after an outage: %d vectors", loaded)
         self._stale = False
+
+    async def _rebuild(self) -> int:
+        """Rebuild the index, then follow from the newest event read before it (none falls between). The position
+        moves only once the rebuild succeeded: one cut short leaves it where a recovery rebuilds again."""
+        newest = await self.store.last_event_id()
+        loaded = await self.cache.rebuild_index(purge=False)
+        self.last_id = newest
+        return loaded
 
     def apply(self, event: Event) -> None:
         """Apply one event (this replica's own were applied when it made them)."""
