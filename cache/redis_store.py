@@ -52,8 +52,9 @@ STREAM_MAXLEN = 100_000  # events kept (approximately); a replica further behind
 BATCH = 1000  # entries per bulk read: one Lua script (a few ms of the server's time) or one pipeline
 PARALLEL = 4  # bulk reads in flight, so the server works while this process decodes the previous replies
 ID_PAGE = 10_000  # LRU ids per ZSCAN call: ~8 ms of the server's time each
-# Delete a lock only if its value is still ours.
-_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# Delete a key only if it still holds the given value: a lock that is still ours, an exact key that still points at
+# the entry being deleted (not at a newer one another replica put meanwhile).
+_DELETE_IF_EQUAL = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 # `ARGV[1] key ARGV[2..]` on each key: a batch of reads in one round trip, parsed as one reply.
 _EACH = "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.call(ARGV[1], k, unpack(ARGV, 2)) end return out"
 
@@ -85,7 +86,7 @@ class RedisStore:
         self.prefix = prefix
         self.origin = uuid.uuid4().hex  # this replica, so it skips its own events
         self.breaker = Breaker()
-        self._unlock_script = self.client.register_script(_UNLOCK)
+        self._delete_if_equal = self.client.register_script(_DELETE_IF_EQUAL)
         self._each_script = self.bulk.register_script(_EACH)
 
     @classmethod
@@ -188,12 +189,12 @@ class RedisStore:
                     vector=vector)  # fmt: skip
         for vid in replaced:
             self._event(pipe, "delete", vid=hex_id(vid))
-        await self._run(pipe.execute())
-        evicted = await self._evict(max_entries, keep=entry.vid) if max_entries is not None else []
+        pipe.zcard(self._lru)  # the size after this put, for the bound: no second round trip
+        count = (await self._run(pipe.execute()))[-1]
+        evicted = await self._evict(max_entries, count, keep=entry.vid) if max_entries is not None else []
         return PutResult(replaced, evicted)
 
-    async def _evict(self, max_entries: int, keep: int) -> list[int]:
-        count = await self._run(self.client.zcard(self._lru))
+    async def _evict(self, max_entries: int, count: int, keep: int) -> list[int]:
         if count <= max_entries:
             return []
         oldest = await self._run(self.client.zrange(self._lru, 0, count - max_entries))
@@ -248,16 +249,10 @@ class RedisStore:
         """Remove exact keys that still point at deleted entries (not ones a newer entry took over)."""
         if not found:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for _, exact_key in found:
-            pipe.get(self._x(exact_key))
-        owners = await self._run(pipe.execute())
-        stale = [key for (vid, key), owner in zip(found, owners, strict=True) if owner == hex_id(vid).encode()]
-        if stale:
-            pipe = self.client.pipeline(transaction=False)  # a DEL each: on a cluster the keys are in other slots
-            for exact_key in stale:
-                pipe.delete(self._x(exact_key))
-            await self._run(pipe.execute())
+        pipe = self.client.pipeline(transaction=False)  # EVAL, not a script object: cluster pipelines route it
+        for vid, exact_key in found:  # by its key; one per key, as the keys are in other slots there
+            pipe.eval(_DELETE_IF_EQUAL, 1, self._x(exact_key), hex_id(vid))
+        await self._run(pipe.execute())
 
     # --- bulk reads ---------------------------------------------------------------------------------------------
 
@@ -417,7 +412,7 @@ class RedisStore:
 
     async def unlock(self, exact_key: str) -> None:
         """Release the lock if this replica still holds it (one that expired and was retaken is left alone)."""
-        await self._run(self._unlock_script(keys=[self._lock(exact_key)], args=[self.origin]))
+        await self._run(self._delete_if_equal(keys=[self._lock(exact_key)], args=[self.origin]))
 
     async def ping(self) -> None:
         await self._run(self.client.ping())
