@@ -144,13 +144,17 @@ class ResponseCache:
         if hit is None:
             self.stats.misses += 1
             return None, vector
-        self._last_used[hit.entry.vid] = now  # written in batches by flush_uses(), off the hit path
+        self._served(hit, now)
+        return hit, vector
+
+    def _served(self, hit: Hit, now: float) -> None:
+        """Count a hit and record the use (written in batches by flush_uses(), off the hit path)."""
+        self._last_used[hit.entry.vid] = now
         self.stats.tokens_saved += hit.entry.prompt_tokens + max(0, hit.entry.completion_tokens)
         if hit.tier == "exact":
             self.stats.hits_exact += 1
         else:
             self.stats.hits_semantic += 1
-        return hit, vector
 
     async def lookup_again(self, key: CacheKey, request: Lookup) -> Hit | None:
         """After waiting for an identical request in flight: the answer it stored (exact tier). A hit here turns
@@ -159,9 +163,7 @@ class ResponseCache:
         hit = await self._lookup_exact(key, request, now) if self.policy.exact_enabled else None
         if hit is not None:
             self.stats.misses -= 1
-            self.stats.hits_exact += 1
-            self.stats.tokens_saved += hit.entry.prompt_tokens + max(0, hit.entry.completion_tokens)
-            self._last_used[hit.entry.vid] = now
+            self._served(hit, now)
         return hit
 
     async def _lookup_exact(self, key: CacheKey, request: Lookup, now: float) -> Hit | None:
