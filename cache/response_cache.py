@@ -150,7 +150,7 @@ class ResponseCache:
     def _served(self, hit: Hit, now: float) -> None:
         """Count a hit and record the use (written in batches by flush_uses(), off the hit path)."""
         self._last_used[hit.entry.vid] = now
-        self.stats.tokens_saved += hit.entry.prompt_tokens + max(0, hit.entry.completion_tokens)
+        self.stats.tokens_saved += hit.entry.tokens_saved
         if hit.tier == "exact":
             self.stats.hits_exact += 1
         else:

@@ -50,6 +50,11 @@ class Entry:
         """The public id: 16 hex digits."""
         return format(self.vid, "016x")
 
+    @property
+    def tokens_saved(self) -> int:
+        """Tokens a hit on this entry spares the caller: its prompt and its answer (an unknown answer length: 0)."""
+        return self.prompt_tokens + max(0, self.completion_tokens)
+
     def expired(self, now: float) -> bool:
         """True once the absolute TTL has passed."""
         return self.expires_at is not None and now >= self.expires_at

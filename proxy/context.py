@@ -32,11 +32,6 @@ def key_id_of(headers: Mapping[str, str]) -> str:
     return key_id(key) if key else ANONYMOUS
 
 
-def tenant_of(headers: Mapping[str, str], shared: bool = False) -> str:
-    """The tenant: the caller's key id, 'anonymous', or 'shared' when tenants share the cache."""
-    return SHARED if shared else key_id_of(headers)
-
-
 def token_budget_of(headers: Mapping[str, str]) -> int | None:
     """The per-request budget from the x-token-budget header: a positive whole number of tokens."""
     raw = headers.get("x-token-budget")

@@ -14,7 +14,7 @@ from starlette.types import Receive
 
 from cache.embedder import DEFAULT_EMBEDDER, PACKAGED_EMBEDDERS
 from cache.keys import Kind
-from proxy.context import CacheDirectives, RequestContext, key_id_of, request_id_of, tenant_of, token_budget_of
+from proxy.context import SHARED, CacheDirectives, RequestContext, key_id_of, request_id_of, token_budget_of
 from proxy.errors import InvalidRequest, NotFound, ProxyError, from_validation
 from proxy.outcome import Reply
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -60,11 +60,12 @@ async def _disconnect(receive: Receive) -> None:
 
 def context(request: Request, svc: Services) -> RequestContext:
     headers = request.headers
+    key_id = key_id_of(headers)  # hashed once: it is also the tenant unless tenants share the cache
     return RequestContext(
         request_id=request_id_of(request.scope),
-        tenant=tenant_of(headers, svc.settings.share_cache_across_tenants),
+        tenant=SHARED if svc.settings.share_cache_across_tenants else key_id,
         headers={k.lower(): v for k, v in headers.items()},
-        key_id=key_id_of(headers),
+        key_id=key_id,
         token_budget=token_budget_of(headers),
         directives=CacheDirectives.parse(headers.get("cache-control")),
         disconnected=lambda: _disconnect(request.receive),

@@ -175,7 +175,7 @@ class CompletionPipeline:
         outcome.age = hit.entry.age(now)
         outcome.entry_id = hit.entry.id
         # What the hit saved, never counted against a budget (the key pays nothing for it).
-        outcome.budget["x-tokens-saved"] = str(hit.entry.prompt_tokens + max(0, hit.entry.completion_tokens))
+        outcome.budget["x-tokens-saved"] = str(hit.entry.tokens_saved)
         response = {**hit.entry.response, "id": _ID_PREFIX[kind] + uuid.uuid4().hex, "created": int(now)}
         return _reply(kind, request, response, outcome)
 

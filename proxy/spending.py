@@ -36,10 +36,8 @@ class Spend:
     hinted: bool  # the prompt states the budget (TALE)
 
     def headers(self) -> dict[str, str]:
-        out = self.estimate.headers()
-        if self.cap is not None:
-            out["x-token-cap"] = str(self.cap)
-        return out
+        """x-token-cap (the estimate's headers are set before the plan, so that a 429 carries them too)."""
+        return {} if self.cap is None else {"x-token-cap": str(self.cap)}
 
 
 @dataclass
