@@ -16,18 +16,10 @@ from dataclasses import dataclass, field
 
 from cache.errors import CacheError
 from cache.redis_store import RedisStore
-from cache.store import EntryStore
 
 log = logging.getLogger("cachecade.flights")
 LOCK_TTL_S = 30.0  # a leader that dies holds its followers at most this long
 POLL_S = 0.02  # how often a follower on another replica checks the lock
-
-
-@dataclass
-class FlightStats:
-    led: int = 0
-    coalesced_local: int = 0  # requests that waited for a leader in this replica
-    coalesced_remote: int = 0  # requests that waited for a leader on another replica
 
 
 @dataclass
@@ -47,52 +39,43 @@ class Flight:
         self.released = True
         self.event.set()
         self.flights.local.pop(self.key, None)
-        if self.locked and isinstance(self.flights.store, RedisStore):
+        if self.locked and self.flights.locks is not None:
             with contextlib.suppress(CacheError):
-                await self.flights.store.unlock(self.key)
+                await self.flights.locks.unlock(self.key)
 
 
 class Flights:
-    """Who is answering which exact key, here and (with the Redis store) on other replicas."""
+    """Who is answering which exact key, here and, given the Redis store's locks, on other replicas."""
 
-    def __init__(self, store: EntryStore, wait_s: float = LOCK_TTL_S) -> None:
-        self.store = store
-        self.wait_s = wait_s
+    def __init__(self, locks: RedisStore | None) -> None:
+        self.locks = locks
         self.local: dict[str, Flight] = {}
-        self.stats = FlightStats()
 
     async def lead(self, key: str) -> Flight | None:
         """A Flight when this request should answer the key; None after waiting for another request that did
         (look the cache up again)."""
         current = self.local.get(key)
         if current is not None:
-            self.stats.coalesced_local += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(current.event.wait(), self.wait_s)
+                await asyncio.wait_for(current.event.wait(), LOCK_TTL_S)
             return None
         flight = self.local[key] = Flight(self, key)
-        if isinstance(self.store, RedisStore):
+        if self.locks is not None:
             try:
-                flight.locked = await self.store.try_lock(key, LOCK_TTL_S)
+                flight.locked = await self.locks.try_lock(key, LOCK_TTL_S)
             except CacheError:  # fail open: without Redis each replica answers for itself
-                return self._led(flight)
+                return flight
             if not flight.locked:
-                self.stats.coalesced_remote += 1
-                await self._wait_remote(key)
+                await self._wait_remote(self.locks, key)
                 await flight.release()  # wakes local followers: they look up again too
                 return None
-        return self._led(flight)
-
-    def _led(self, flight: Flight) -> Flight:
-        self.stats.led += 1
         return flight
 
-    async def _wait_remote(self, key: str) -> None:
-        assert isinstance(self.store, RedisStore)
-        deadline = asyncio.get_running_loop().time() + self.wait_s
+    async def _wait_remote(self, locks: RedisStore, key: str) -> None:
+        deadline = asyncio.get_running_loop().time() + LOCK_TTL_S
         while asyncio.get_running_loop().time() < deadline:
             try:
-                if not await self.store.is_locked(key):
+                if not await locks.is_locked(key):
                     return
             except CacheError:
                 return

@@ -16,6 +16,7 @@ import numpy as np
 from cache.errors import CacheError
 from cache.keys import CacheKey, Kind, chat_key, completion_key
 from cache.policy import admissible, uncacheable_reason
+from cache.redis_store import RedisStore
 from cache.response_cache import Hit, Lookup, ResponseCache
 from proxy.budget import Ticket
 from proxy.cascade import Budget, Cascade, CascadeResult, LocalAnswer
@@ -78,7 +79,7 @@ class CompletionPipeline:
 
     def __init__(self, cache: ResponseCache, upstream: Upstream | None, cascade: Cascade, spending: SpendPlanner
                  ) -> None:  # fmt: skip
-        self.flights = Flights(cache.store)
+        self.flights = Flights(cache.store if isinstance(cache.store, RedisStore) else None)  # locks across replicas
         self.cache = cache
         self.upstream = upstream
         self.cascade = cascade
