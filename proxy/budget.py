@@ -207,13 +207,17 @@ class Budgets:
 
     async def _open(self, ticket: Ticket) -> None:
         rpm = ticket.requests
-        if rpm is not None:
-            ok, (used,) = await self.counters.add([Count(rpm.key, 1, rpm.limit, rpm.resets_at)], check=True)
-            rpm.used = used
-            if not ok:
-                await self._read(ticket.tokens)  # the 429's token headers tell the truth too
-                raise self._refusal(ticket, rpm, 1, "requests")
-        await self._read(ticket.tokens)
+        if rpm is None:
+            await self._read(ticket.tokens)
+            return
+        # One round trip: the request counted and the token windows read (an amount of 0 with no limit changes
+        # nothing and is never refused), so a 429's token headers tell the truth too.
+        reads = [Count(u.key, 0, None, u.resets_at) for u in ticket.tokens]
+        ok, values = await self.counters.add([Count(rpm.key, 1, rpm.limit, rpm.resets_at), *reads], check=True)
+        for usage, used in zip([rpm, *ticket.tokens], values, strict=True):
+            usage.used = used
+        if not ok:
+            raise self._refusal(ticket, rpm, 1, "requests")
 
     async def reserve(self, ticket: Ticket, tokens: int) -> None:
         """Reserve tokens in every window at once, or raise RateLimited naming the window that is short."""
