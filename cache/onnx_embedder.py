@@ -183,7 +183,7 @@ class OnnxEmbedder:
         self.batch_size = 32
         self.max_tokens = max_length
         options = ort.SessionOptions()
-        self.threads = threads or min(2, os.cpu_count() or 1)
+        self.threads = threads or min(DEFAULT_THREADS["fp32"], os.cpu_count() or 1)
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: spinning saved 2 ms per embedding in isolation but stole the

@@ -27,10 +27,6 @@ REBUILD_FIELDS = ("ix", "vector", "partition", "embedder_id", "expires_at")
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
-def hex_id(vid: int) -> str:
-    return format(vid, "016x")
-
-
 def entry_fields(e: Entry) -> dict[str, Any]:
     """The hash of an entry (see the module's docstring). Raises ValueError for what cannot be stored."""
     if "\0" in e.partition + e.embedder_id:

@@ -39,12 +39,11 @@ from cache.redis_layout import (
     REBUILD_FIELDS,
     entry_fields,
     entry_of,
-    hex_id,
     index_fields,
     small_fields,
     stored_vector,
 )
-from cache.store import Entry, IndexedVector, PutResult
+from cache.store import Entry, IndexedVector, PutResult, hex_id
 
 T = TypeVar("T")
 BULK_TIMEOUT_S = 30.0

@@ -15,6 +15,11 @@ def new_vid() -> int:
     return secrets.randbits(63) or 1
 
 
+def hex_id(vid: int) -> str:
+    """The public form of an entry id: 16 hex digits (also how the Redis store names its keys)."""
+    return format(vid, "016x")
+
+
 def vid_from_id(entry_id: str) -> int | None:
     """Parse the public entry id (16 hex digits); None when it is not one."""
     try:
@@ -48,7 +53,7 @@ class Entry:
     @property
     def id(self) -> str:
         """The public id: 16 hex digits."""
-        return format(self.vid, "016x")
+        return hex_id(self.vid)
 
     @property
     def tokens_saved(self) -> int:
