@@ -184,10 +184,10 @@ def write_entries(client: redis.Redis, store: RedisStore, n: int, rng: np.random
         for i, vector in enumerate(vectors, start):
             e = entry(i + 1, vector, now)
             pipe.hset(store._e(e.vid), mapping=entry_fields(e))  # type: ignore[arg-type]  # bytes, str and int values
-            pipe.set(store._x(e.exact_key), format(e.vid, "016x"))
+            pipe.set(store._x(e.exact_key), e.id)
             pipe.expireat(store._e(e.vid), int(e.expires_at or 0) + 1)
             pipe.expireat(store._x(e.exact_key), int(e.expires_at or 0) + 1)
-            pipe.zadd(store._lru, {format(e.vid, "016x"): e.created_at})
+            pipe.zadd(store._lru, {e.id: e.created_at})
         pipe.execute()
     return time.perf_counter() - started
 
