@@ -41,8 +41,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.cascade import MODEL_CACHE, big_upstream_settings, say, serve
-from bench.common import machine, percentile, write_report
+from bench.cascade import MODEL_CACHE, big_upstream_settings, serve
+from bench.common import machine, percentile, say, write_report
 from cache.embedder import load_embedder
 from cache.response_cache import Neighbour
 from local_models.budget import plan_decoding, with_hint

@@ -13,7 +13,7 @@ in the report, whose load average is recorded at the start and the end since the
     `httpx.MockTransport` upstream with a fixed answer and usage; both cache tiers off and `Cache-Control:
     no-store`, so every request is a miss that stores nothing; no cascade route, so no local model; a stub
     embedder that is never called), alternating a limited and an unlimited API key in ABBA order. The app's
-    counters are SQLite: Settings does not accept a Redis URL yet. The overhead is the difference of the two
+    counters are SQLite (its embedded default). The overhead is the difference of the two
     p50s, shown beside the median of the paired differences.
 
   cd /work/main && HF_HUB_OFFLINE=1 .venv/bin/python -m bench.budget_overhead [--iterations 2000] [--warmup 200]
@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 import redis.asyncio as redis
 
-from bench.common import RESULTS, machine, percentile, write_json
+from bench.common import RESULTS, load_average, machine, percentile, write_json
 from cache.counters import CounterStore, SQLiteCounters
 from cache.redis_counters import RedisCounters
 from proxy.app import create_app
@@ -243,10 +243,6 @@ def table(report: dict[str, Any]) -> str:
               f"added by limits: p50 difference {e2e['p50_difference_ms']:.3f} ms, median paired difference "
               f"{e2e['median_paired_difference_ms']:.3f} ms: target {verdict}"]  # fmt: skip
     return "\n".join(lines)
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:

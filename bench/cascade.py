@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import RESULTS, machine, percentile, write_report
+from bench.common import RESULTS, machine, percentile, say, write_report
 from local_models.calibration import (
     MAX_TOKENS,
     QAItem,
@@ -52,12 +52,6 @@ DATASETS = {"nq_open": "nq_open/NQ-open.dev.jsonl", "svamp": "svamp/SVAMP.json"}
 LOCAL_TIERS = ("smollm2", "gemma3")
 CONFIGS = {"little-only": ["smollm2"], "big-only": ["gemma3"], "upstream-only": ["upstream"],
            "cascade": ["smollm2", "gemma3", "upstream"]}  # fmt: skip
-_T0 = time.monotonic()
-
-
-def say(message: str) -> None:
-    """Progress on stdout, stamped with seconds since start."""
-    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", flush=True)
 
 
 # --- data and thresholds --------------------------------------------------------------------------------------

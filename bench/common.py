@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: machine description, percentiles, JSON output."""
+"""Helpers shared by the benchmarks: progress lines, machine description and load, percentiles, JSON output."""
 
 from __future__ import annotations
 
@@ -6,11 +6,23 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    """Progress on stdout, stamped with seconds since start."""
+    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", flush=True)
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages, rounded: how busy the (shared) machine was."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def machine() -> dict[str, Any]:

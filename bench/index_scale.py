@@ -6,8 +6,8 @@ Per size N (random unit vectors, 384-d float32, as all-MiniLM-L6-v2 gives; answe
     ivf_threshold it builds an IVF-Flat index on the worker thread: timed), then VectorIndex.search (k=4)
     p50/p99 over --queries lookups (half random vectors, misses; half noisy copies of stored vectors, hits,
     whose top-1 is checked), and its memory: the RSS delta of this process / N;
-  * the start-up rebuild: the N entries written to a real redis-server in RedisStore's exact layout (its own
-    `_fields`, `_e`, `_x`, `_lru`, pipelined), Redis `used_memory` delta / N, then ResponseCache.rebuild_index
+  * the start-up rebuild: the N entries written to a real redis-server as RedisStore.put lays them out (its
+    `queue_entry`, pipelined, without put's events), Redis `used_memory` delta / N, then ResponseCache.rebuild_index
     timed as a Redis replica runs it (reading every vector, then the index build), and on its own the pass
     over expired ids that each minute's upkeep makes (RedisStore.purge_expired).
 The entries' event stream is not written: it is capped at STREAM_MAXLEN events (~1.6 KB each, a fixed ~160 MB at
@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import ctypes
 import hashlib
-import os
 import tempfile
 import time
 import uuid
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from bench.common import RESULTS, machine, percentile, write_report
+from bench.common import RESULTS, load_average, machine, percentile, say, write_report
 from cache.index import VectorIndex
 from cache.policy import CachePolicy
 from cache.redis_layout import entry_fields
@@ -54,17 +53,11 @@ ANSWER = (
 )[:200]
 TARGETS = {"lookup_p50_ms": 2.0, "rebuild_s": 60.0, "bytes_per_entry": 2500}  # at 1M entries
 WRITE_BATCH = 1000
-_T0 = time.monotonic()
-
-
-def say(message: str) -> None:
-    """Progress on stdout, stamped with seconds since start."""
-    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", flush=True)
 
 
 def rss_bytes() -> int:
     """Resident memory of this process (psutil when installed, else /proc/self/status), after handing freed heap
-    back to the OS (glibc's malloc_trim): the flat index an HNSW conversion replaces would otherwise still count."""
+    back to the OS (glibc's malloc_trim): the flat index an IVF build replaces would otherwise still count."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
@@ -183,11 +176,7 @@ def write_entries(client: redis.Redis, store: RedisStore, n: int, rng: np.random
         vectors = unit_vectors(rng, min(WRITE_BATCH, n - start))
         for i, vector in enumerate(vectors, start):
             e = entry(i + 1, vector, now)
-            pipe.hset(store._e(e.vid), mapping=entry_fields(e))  # type: ignore[arg-type]  # bytes, str and int values
-            pipe.set(store._x(e.exact_key), e.id)
-            pipe.expireat(store._e(e.vid), int(e.expires_at or 0) + 1)
-            pipe.expireat(store._x(e.exact_key), int(e.expires_at or 0) + 1)
-            pipe.zadd(store._lru, {e.id: e.created_at})
+            store.queue_entry(pipe, e, entry_fields(e))
         pipe.execute()
     return time.perf_counter() - started
 
@@ -260,12 +249,12 @@ def measure_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, A
     rng = np.random.default_rng(args.seed + n)
     vectors = unit_vectors(rng, n)
     queries, expected = make_queries(rng, vectors, args.queries)
-    load = os.getloadavg()
+    load = load_average()
     row: dict[str, Any] = {"entries": n, **measure_index(vectors, queries, expected, args)}
     del vectors, queries  # the Redis phase makes its own, batch by batch: keep the peak down at 1M
     if not args.skip_redis:
         row |= measure_redis(n, args, workdir)
-    row["load_average"] = [round(x, 2) for x in load] + [round(x, 2) for x in os.getloadavg()]
+    row["load_average"] = load + load_average()
     return row
 
 
@@ -347,14 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import faiss
 
     args = parse_args(argv)
-    load_start = os.getloadavg()
+    load_start = load_average()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-index-scale-") as tmp:
         for n in args.sizes:
             say(f"{n} entries")
             rows.append(measure_size(n, args, Path(tmp)))
-    loads = {"load_average_start": [round(x, 2) for x in load_start],
-             "load_average_end": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
+    loads = {"load_average_start": load_start, "load_average_end": load_average()}
     report = {
         "benchmark": "index_scale",
         "machine": machine() | loads,

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import RESULTS, machine, percentile
+from bench.common import RESULTS, machine, percentile, say
 from cache.embedder import DEFAULT_EMBEDDER, load_embedder
 from local_models.processes import ServerFailed, free_port, start_llama_server, stop, wait_until_up
 from local_models.registry import smollm2_gguf
@@ -50,14 +50,6 @@ TARGETS = {"semantic_hit_p50_ms_c1": 15.0, "exact_hit_p50_ms": 3.0, "miss_overhe
 
 class BenchError(RuntimeError):
     """A run that cannot give meaningful numbers."""
-
-
-_T0 = time.monotonic()
-
-
-def say(message: str) -> None:
-    """Progress on stdout, stamped with seconds since start."""
-    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", flush=True)
 
 
 # --- processes -------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import subprocess
 import tempfile
@@ -42,7 +41,7 @@ from typing import Any
 import httpx
 
 from bench.cascade import serve
-from bench.common import RESULTS, machine, percentile, write_report
+from bench.common import RESULTS, load_average, machine, percentile, say, write_report
 from bench.latency import API_KEY, GENERATION
 from local_models.processes import start_llama_server, stop
 from local_models.registry import smollm2_gguf
@@ -54,12 +53,6 @@ SHAREGPT = ("sharegpt_prompts/sg_90k_part1_html_cleaned_lang_first_sampled_sorte
 QQP = "qqp_pairs/pairs.json"
 POLL_S = 0.005
 RESTART_GAP_S = 3.0
-_T0 = time.monotonic()
-
-
-def say(message: str) -> None:
-    """Progress on stdout, stamped with seconds since start."""
-    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", flush=True)
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -475,17 +468,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         started, redis, bases = start(workdir, args)
         try:
             say(f"replicas {bases} up; {args.clients} clients for {args.duration:.0f}s")
-            load_start = os.getloadavg()
+            load_start = load_average()
             run = Run(bases, Stream(first), GENERATION | {"model": args.model})
             drained = asyncio.run(load(args, run, redis, questions))
-            load_end = os.getloadavg()
+            load_end = load_average()
         finally:
             for p in [*reversed(started), redis.process]:
                 stop(p)
     report = {
         "benchmark": "shared_load",
-        "machine": machine() | {"load_average_start": [round(x, 2) for x in load_start],
-                                "load_average_end": [round(x, 2) for x in load_end]},
+        "machine": machine() | {"load_average_start": load_start, "load_average_end": load_end},
         "setup": "redis-server 1, cachecade serve x2 (CACHECADE_REDIS_URL, CACHECADE_CASCADE_ROUTES={}), upstream "
         + (args.upstream or f"llama_cpp.server SmolLM2-135M Q4_1 n_ctx 2048, {args.upstream_threads} thread(s)")
         + "; all on this machine",

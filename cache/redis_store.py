@@ -174,12 +174,7 @@ class RedisStore:
         except ValueError as exc:  # NaN in an answer, say: not storable, and not a reason to fail the request
             raise StoreError(f"answer not storable: {exc}") from exc
         pipe.delete(self._e(entry.vid))  # the same id again: no field (or TTL) of the earlier write is left behind
-        pipe.hset(self._e(entry.vid), mapping=fields)
-        pipe.set(self._x(entry.exact_key), hex_id(entry.vid))
-        if entry.expires_at is not None:
-            pipe.expireat(self._e(entry.vid), int(entry.expires_at) + 1)
-            pipe.expireat(self._x(entry.exact_key), int(entry.expires_at) + 1)
-        pipe.zadd(self._lru, {hex_id(entry.vid): entry.created_at})
+        self.queue_entry(pipe, entry, fields)
         for vid in replaced:
             pipe.delete(self._e(vid))
             pipe.zrem(self._lru, hex_id(vid))
@@ -192,6 +187,16 @@ class RedisStore:
         count = (await self._run(pipe.execute()))[-1]
         evicted = await self._evict(max_entries, count, keep=entry.vid) if max_entries is not None else []
         return PutResult(replaced, evicted)
+
+    def queue_entry(self, pipe: Any, entry: Entry, fields: Mapping[str, Any]) -> None:
+        """Queue an entry's keys on a pipeline (async or not): its hash, its exact key, their expiry and its LRU
+        member. bench.index_scale writes its entries through this too, so it measures this layout."""
+        pipe.hset(self._e(entry.vid), mapping=fields)
+        pipe.set(self._x(entry.exact_key), hex_id(entry.vid))
+        if entry.expires_at is not None:
+            pipe.expireat(self._e(entry.vid), int(entry.expires_at) + 1)
+            pipe.expireat(self._x(entry.exact_key), int(entry.expires_at) + 1)
+        pipe.zadd(self._lru, {hex_id(entry.vid): entry.created_at})
 
     async def _evict(self, max_entries: int, count: int, keep: int) -> list[int]:
         if count <= max_entries:
