@@ -67,3 +67,19 @@ def start_proxy(model_cache: Path, embedder: object) -> Iterator[Callable[..., P
     yield start
     for proxy in started:
         stop(proxy.process)
+
+
+@pytest.fixture
+def start_test_proxy(start_proxy: Callable[..., Proxy]) -> Iterator[Callable[..., Proxy]]:
+    """start_proxy for one test: what it starts is stopped when the test ends, not with the session (idle servers
+    would hold their models, and replicas of a Redis that is gone would keep retrying it)."""
+    mine: list[Proxy] = []
+
+    def start(data_dir: Path, **settings: str) -> Proxy:
+        proxy = start_proxy(data_dir, **settings)
+        mine.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in mine:
+        stop(proxy.process)

@@ -21,10 +21,10 @@ def client(proxy: Proxy, key: str) -> openai.OpenAI:
 
 
 def test_budget_is_enforced_with_the_real_upstreams_usage(
-    start_proxy: Callable[..., Proxy], llama_upstream: str, tmp_path_factory: pytest.TempPathFactory
+    start_test_proxy: Callable[..., Proxy], llama_upstream: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     limits = json.dumps({key_id(KEY): {"tokens_per_day": 120}})
-    proxy = start_proxy(tmp_path_factory.mktemp("budget") / "data", upstream_base_url=llama_upstream,
+    proxy = start_test_proxy(tmp_path_factory.mktemp("budget") / "data", upstream_base_url=llama_upstream,
                         key_limits=limits)  # fmt: skip
     c = client(proxy, KEY)
     messages = [{"role": "user", "content": "Name a colour."}]

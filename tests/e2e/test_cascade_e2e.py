@@ -56,10 +56,10 @@ def test_cut_off_local_answer_escalates(proxy: Proxy) -> None:
     assert r.headers["x-escalated"].startswith("smollm2:") and r.headers["x-served-by"] == "upstream:smollm2"
 
 
-def test_embedded_default_answers_without_any_upstream(start_proxy: Callable[..., Proxy],
+def test_embedded_default_answers_without_any_upstream(start_test_proxy: Callable[..., Proxy],
                                                        tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
     """What `make serve` gives a newcomer: no upstream, no key, any model name answered by the local tiers."""
-    local = start_proxy(tmp_path_factory.mktemp("embedded") / "data")
+    local = start_test_proxy(tmp_path_factory.mktemp("embedded") / "data")
     r = client(local.v1).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=EASY, max_tokens=32)  # type: ignore[arg-type]
     assert r.headers["x-served-by"].startswith("local:") and r.headers["x-local-gate"] in ("pass", "last-tier")
     assert 0.0 <= float(r.headers["x-local-confidence"]) <= 1.0 and r.parse().choices[0].message.content

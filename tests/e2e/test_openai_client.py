@@ -114,10 +114,10 @@ def test_bad_requests_are_400_naming_the_parameter(proxy: Proxy) -> None:
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
 
 
-def test_upstream_down_is_502(start_proxy: Callable[..., Proxy], tmp_path: Path) -> None:
+def test_upstream_down_is_502(start_test_proxy: Callable[..., Proxy], tmp_path: Path) -> None:
     from tests.conftest import free_port
 
-    dead = start_proxy(tmp_path / "data", upstream_base_url=f"http://127.0.0.1:{free_port()}/v1")
+    dead = start_test_proxy(tmp_path / "data", upstream_base_url=f"http://127.0.0.1:{free_port()}/v1")
     with pytest.raises(openai.APIStatusError) as err:
         client(dead).chat.completions.create(messages=[{"role": "user", "content": "hi"}], **GEN)
     assert err.value.status_code == 502
@@ -125,13 +125,13 @@ def test_upstream_down_is_502(start_proxy: Callable[..., Proxy], tmp_path: Path)
     stop(dead.process)
 
 
-def test_restart_keeps_entries(start_proxy: Callable[..., Proxy], llama_upstream: str, tmp_path: Path) -> None:
+def test_restart_keeps_entries(start_test_proxy: Callable[..., Proxy], llama_upstream: str, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    first = start_proxy(data, upstream_base_url=llama_upstream)
+    first = start_test_proxy(data, upstream_base_url=llama_upstream)
     c = client(first, "sk-restart")
     answer = ask(c, Q).parse().choices[0].message.content
     stop(first.process)
-    second = start_proxy(data, upstream_base_url=llama_upstream)
+    second = start_test_proxy(data, upstream_base_url=llama_upstream)
     c = client(second, "sk-restart")
     exact = ask(c, Q)
     assert exact.headers["x-cache"] == "HIT-EXACT" and exact.parse().choices[0].message.content == answer

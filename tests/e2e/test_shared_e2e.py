@@ -44,11 +44,11 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
 
 
 @pytest.fixture
-def replicas(start_proxy: Callable[..., Proxy], llama_upstream: str, redis_server: Redis, tmp_path: Path
+def replicas(start_test_proxy: Callable[..., Proxy], llama_upstream: str, redis_server: Redis, tmp_path: Path
              ) -> tuple[Proxy, Proxy]:  # fmt: skip
     settings = {"upstream_base_url": llama_upstream, "redis_url": redis_server.url, "cascade_routes": "{}",
                 "admin_token": ADMIN}  # fmt: skip
-    return start_proxy(tmp_path / "a", **settings), start_proxy(tmp_path / "b", **settings)
+    return start_test_proxy(tmp_path / "a", **settings), start_test_proxy(tmp_path / "b", **settings)
 
 
 COUNTRIES = ("France", "Italy", "Spain", "Japan", "Egypt")
@@ -65,7 +65,7 @@ def ask(proxy: Proxy, question: str, key: str = "sk-e2e-shared"):  # type: ignor
 
 
 def test_entries_and_deletes_are_shared_and_survive_a_restart(
-    replicas: tuple[Proxy, Proxy], start_proxy: Callable[..., Proxy], llama_upstream: str, redis_server: Redis,
+    replicas: tuple[Proxy, Proxy], start_test_proxy: Callable[..., Proxy], llama_upstream: str, redis_server: Redis,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     a, b = replicas
@@ -78,7 +78,7 @@ def test_entries_and_deletes_are_shared_and_survive_a_restart(
         time.sleep(0.02)
     assert hit.parse().choices[0].message.content == stored.parse().choices[0].message.content
     # A third replica started now rebuilds its index from Redis: a paraphrase is a semantic hit at once.
-    c = start_proxy(tmp_path / "c", upstream_base_url=llama_upstream, redis_url=redis_server.url,
+    c = start_test_proxy(tmp_path / "c", upstream_base_url=llama_upstream, redis_url=redis_server.url,
                     cascade_routes="{}", admin_token=ADMIN)  # fmt: skip
     assert httpx.get(f"{c.url}/readyz").json()["indexed_vectors"] >= 1
     deleted = httpx.delete(f"{a.url}/admin/entries/{stored.headers['x-cache-entry-id']}",
