@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +105,12 @@ def chat(question: str, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_replica(tmp_path: Path, embedder: Any, engines: Any, upstream: FakeUpstream, redis_url: str):  # type: ignore[no-untyped-def]
+def make_replica(make_client, tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def]
+    """Factory: make_client for a replica of its own data dir on the session's Redis, under this test's prefix."""
     prefix = f"t{uuid.uuid4().hex[:8]}:"  # this test's own keys on the session's server
 
-    @asynccontextmanager
-    async def factory(name: str, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-        values: dict[str, Any] = {"data_dir": tmp_path / name, "upstream_base_url": "http://upstream.test/v1",
-                                  "admin_token": ADMIN, "redis_url": redis_url, "redis_prefix": prefix,
-                                  "cascade_routes": {}, **overrides}  # fmt: skip
-        app = create_app(Settings(**values), embedder=embedder, upstream_transport=httpx.MockTransport(upstream),
-                         engines=engines)  # fmt: skip
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url=f"http://{name}.test") as client:
-                yield client
+    def factory(name: str, **overrides: Any) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+        return make_client(**{"data_dir": tmp_path / name, "redis_url": redis_url, "redis_prefix": prefix,
+                              "cascade_routes": {}, **overrides})  # fmt: skip
 
     return factory
