@@ -16,8 +16,8 @@ ALICE, BOB = "sk-alice-0123456789", "sk-bob-0123456789"
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN}"}
 
 
-def as_key(key: str, **extra: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}", **extra}
+def as_key(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
 
 
 def limits(key: str, **values: int) -> dict[str, Any]:

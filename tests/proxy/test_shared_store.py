@@ -98,8 +98,6 @@ async def test_store_failing_between_lookup_and_answer_fails_open(make_client, u
         await client.post("/v1/chat/completions", json=chat(Q))
         r = await client.post("/v1/chat/completions", json=chat("How far away is the Moon?"))
         assert r.status_code == 200 and r.headers["x-token-estimate-source"] == "prompt"
-        import asyncio as aio
-
-        upstream_answers = await aio.gather(*(client.post("/v1/chat/completions", json=chat("Same one?"))
+        upstream_answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat("Same one?"))
                                               for _ in range(3)))  # fmt: skip
     assert all(a.status_code == 200 for a in upstream_answers)
