@@ -121,9 +121,13 @@ def test_redis_killed_mid_run_fails_no_request_and_sharing_resumes(replicas: tup
         t.join()
     assert failures == [] and served > 10
     # After recovery (Redis came back empty), an answer stored through A is shared with B again.
-    fresh = f"Name a fruit ({uuid.uuid4().hex[:6]})."
+    # A new question each try: SmolLM2 runs past max_tokens on about 1 in 7 of these (measured: 6 of 40 random
+    # suffixes), and an answer cut short is never stored, however often it is asked.
     deadline = time.monotonic() + 15.0
-    while ask(a, fresh).headers.get("x-cache-entry-id") is None:
+    while True:
+        fresh = f"Name a fruit ({uuid.uuid4().hex[:6]})."
+        if ask(a, fresh).headers.get("x-cache-entry-id") is not None:
+            break
         assert time.monotonic() < deadline, "A never stored into Redis after it came back"
         time.sleep(0.5)
     while ask(b, fresh).headers["x-cache"] != "HIT-EXACT":
