@@ -69,9 +69,12 @@ def test_entries_and_deletes_are_shared_and_survive_a_restart(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     a, b = replicas
-    question = f"Name a colour of the sky ({uuid.uuid4().hex[:6]})."
-    stored = ask(a, question)
-    assert stored.headers["x-cache"] == "MISS"
+    for _ in range(10):  # SmolLM2 runs past max_tokens on about 1 in 5 of these, and a cut answer is not stored
+        question = f"Name a colour of the sky ({uuid.uuid4().hex[:6]})."
+        stored = ask(a, question)
+        assert stored.headers["x-cache"] == "MISS"
+        if "x-cache-entry-id" in stored.headers:
+            break
     started = time.monotonic()
     while (hit := ask(b, question)).headers["x-cache"] != "HIT-EXACT":
         assert time.monotonic() - started < 1.0, "an entry stored through A must be a hit through B within 1 s"
