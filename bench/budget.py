@@ -299,9 +299,7 @@ def merge(paths: Sequence[str], out: str) -> int:
         for model, by_dataset in r["answers"].items():
             merged["answers"].setdefault(model, {}).update(by_dataset)
     merged["rows"].sort(key=lambda row: (row["model"], row["dataset"]))
-    text = render(merged["rows"])
-    print(text)
-    write_report(out, merged, text)
+    write_report(out, merged, render(merged["rows"]))
     plot(merged["rows"], PLOT)
     return 0
 
@@ -331,7 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         del results["upstream"]
     table = rows(results)
     text = render(table)
-    print(text)
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": table,
               "estimate_sources": sources, "clamp_checks": checks,
               "answers": {m: {d: {s: [asdict(replace(a, text=a.text[:200])) for a in v] for s, v in by.items()}

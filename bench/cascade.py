@@ -326,12 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = arguments(argv)
     with tempfile.TemporaryDirectory(prefix="bench-cascade-") as workdir:
         report = asyncio.run(run(args, Path(workdir)))
-    table = render(report)
-    print(table)
     calibration = f"\n\ncalibration:\n{render_table(report['calibration'])}" if report["calibration"] else ""
-    path = write_report("cascade", report, table + calibration, args.out)
+    write_report("cascade", report, render(report) + calibration, args.out)
     plot(report["rows"], args.plot)
-    say(f"wrote {path}, {path.with_suffix('.txt')} and {args.plot}")
+    say(f"wrote {args.plot}")
     return 0
 
 

@@ -47,7 +47,10 @@ def write_json(name: str, report: dict[str, Any], out: Path | None = None) -> Pa
 
 
 def write_report(name: str, report: dict[str, Any], text: str, out: Path | None = None) -> Path:
-    """write_json, plus the printed table as a .txt beside the JSON; returns the JSON's path."""
+    """Print a bench's table, write the report (write_json) with the table as a .txt beside it, and say where;
+    returns the JSON's path."""
+    print("\n" + text)
     path = write_json(name, report, out)
     path.with_suffix(".txt").write_text(text + "\n")
+    say(f"wrote {path} and {path.with_suffix('.txt')}")
     return path

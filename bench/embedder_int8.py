@@ -45,9 +45,7 @@ def main() -> None:
                        "queries_timed": args.queries, "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     text = f"QQP ({report['bench']['data']}, {sample}); machine: {report['bench']['machine']}\n"
     text += render_embedder_report(report)
-    print(text)
-    path = write_report("embedder_int8", report, text, args.out)
-    print(f"wrote {path} and {path.with_suffix('.txt').name} ({report['bench']['seconds']} s)")
+    write_report("embedder_int8", report, text, args.out)
 
 
 if __name__ == "__main__":

@@ -353,10 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": rows,
         "targets": targets(rows),
     }
-    table = render(report)
-    print("\n" + table)
-    path = write_report("index_scale", report, table, args.out)
-    say(f"wrote {path} and {path.with_suffix('.txt')}")
+    write_report("index_scale", report, render(report), args.out)
     return 0
 
 

@@ -488,10 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "generation": run.generation, "replica_settings": args.set, "poll_ms": POLL_S * 1000},
         "figures": summarise(run, args, drained),
     }  # fmt: skip
-    table = render(report)
-    print("\n" + table)
-    path = write_report("shared_load", report, table, args.out)
-    say(f"wrote {path} and {path.with_suffix('.txt')}")
+    write_report("shared_load", report, render(report), args.out)
     return 0
 
 
