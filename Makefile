@@ -10,26 +10,41 @@ DATA ?= ../shared/data
 # Models come from installed packages, never from a hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-# Lean llama.cpp build: CPU only, no multimodal library, no TLS; pip caches the built wheel.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF
+# llama.cpp is compiled by deploy/llama_wheel.sh (the same script the Dockerfile runs): portable by default
+# (GGML_NATIVE=OFF: AVX2 baseline, no AVX-512, no AMX), lean (CPU only, no multimodal library, no TLS), once per
+# flag set into ~/.cache/cachecade/wheels. LLAMA_CMAKE_ARGS overrides the flags (README: Supported CPUs).
+export LLAMA_CMAKE_ARGS
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install install-dev serve test test-fast lint bench calibrate calibrate-cascade system-deps clean
+.PHONY: install install-dev llama-wheel reinstall-llama serve test test-fast lint bench calibrate calibrate-cascade system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e .
+# Installs the wheel built with the current flags whenever it is not the one installed (a changed flag set
+# builds and installs another); pip never compiles llama-cpp-python itself (--only-binary).
+llama-wheel: | $(BIN)/python
+	@wheel=$$(PYTHON=$(BIN)/python deploy/llama_wheel.sh) && \
+	if [ "$$(cat $(VENV)/.llama-wheel 2>/dev/null)" != "$$wheel" ]; then \
+	  echo "installing $$wheel" && $(BIN)/pip install -q --force-reinstall --no-deps "$$wheel" && \
+	  echo "$$wheel" > $(VENV)/.llama-wheel; fi
+
+# After something else replaced the llama-cpp-python in the venv (the proxy's self-check says so at start).
+reinstall-llama:
+	rm -f $(VENV)/.llama-wheel
+	$(MAKE) llama-wheel
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python llama-wheel
+	$(BIN)/pip install --only-binary llama-cpp-python -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --only-binary llama-cpp-python -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install: llama-wheel $(VENV)/.installed
+install-dev: llama-wheel $(VENV)/.installed-dev
 
 serve: install
 	$(BIN)/cachecade serve --host $(HOST) --port $(PORT)

@@ -2,9 +2,10 @@
 (deploy/warm_models.py), then `cachecade serve` started as the image starts it, with the venv, the model cache
 and HOME read-only (as under readOnlyRootFilesystem) where this machine allows a private read-only bind mount.
 
-Slow (minutes): the venv gets the project and its dependencies from pip's cache; llama-cpp-python's wheel is the
-one `make install` built, so its compile flags are the Makefile's, not the image's LLAMA_CMAKE_ARGS. torch comes
-from the index pip is configured with (this machine: its local CPU wheel) rather than PyTorch's CPU index.
+Slow (minutes): the venv gets the project and its dependencies from pip's cache; llama-cpp-python's wheel comes
+from deploy/llama_wheel.sh with the image's LLAMA_CMAKE_ARGS, as the builder stage runs it (the same flags as
+`make install`, so it finds the wheel already built). torch comes from the index pip is configured with (this
+machine: its local CPU wheel) rather than PyTorch's CPU index.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ class Image:
         return sorted((str(p), p.stat().st_mtime_ns) for p in self.models.rglob("*"))
 
 
-def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> None:
+def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> str:
     result = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{cmd} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +73,17 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
             shutil.copy2(ROOT / name, context / name)
     image = Image(root / "venv", root / "models", root)
     builder = stages()[0]
-    env = image.env(builder, CMAKE_ARGS=global_args()["LLAMA_CMAKE_ARGS"],
+    env = image.env(builder, LLAMA_CMAKE_ARGS=global_args()["LLAMA_CMAKE_ARGS"],
                     CMAKE_BUILD_PARALLEL_LEVEL=global_args()["BUILD_JOBS"])  # fmt: skip
     python = str(image.venv / "bin" / "python")
     torch = re.search(r"\btorch==\S+", " ".join(builder.all("RUN")))
     assert torch is not None
     run([sys.executable, "-m", "venv", str(image.venv)], env, root, 120)
     run([python, "-m", "pip", "install", "-q", torch[0]], env, root, PIP_TIMEOUT_S)
-    run([python, "-m", "pip", "install", "-q", str(context)], env, root, PIP_TIMEOUT_S)
+    wheel = run(["bash", str(DEPLOY / "llama_wheel.sh")], env | {"PYTHON": python}, root, PIP_TIMEOUT_S).strip()
+    run([python, "-m", "pip", "install", "-q", "--no-deps", wheel], env, root, PIP_TIMEOUT_S)
+    run([python, "-m", "pip", "install", "-q", "--only-binary", "llama-cpp-python", str(context)], env, root,
+        PIP_TIMEOUT_S)  # fmt: skip
     run([python, "-m", "pip", "check"], env, root, 120)
     run([python, str(DEPLOY / "warm_models.py")], env, root, 600)
     image.models_made = image.snapshot()

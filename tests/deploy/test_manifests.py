@@ -295,11 +295,17 @@ def test_dockerfile_pins_the_cpu_torch_of_pyproject() -> None:
 
 
 def test_dockerfile_builds_llama_cpp_like_the_makefile() -> None:
+    """Both compile llama.cpp through deploy/llama_wheel.sh with its portable default; neither sets flags of its
+    own, and neither lets pip compile llama-cpp-python (pip's cache keys a wheel on its source, not its flags)."""
     makefile = (ROOT / "Makefile").read_text()
-    flags = re.search(r"^export CMAKE_ARGS \?= (.+)$", makefile, re.MULTILINE)
-    assert flags is not None
-    assert set(flags[1].split()) <= set(global_args()["LLAMA_CMAKE_ARGS"].split())
-    assert stages()[0].env()["CMAKE_ARGS"] == "${LLAMA_CMAKE_ARGS}"
+    runs = " ".join(stages()[0].all("RUN"))
+    assert "deploy/llama_wheel.sh" in makefile and "deploy/llama_wheel.sh" in runs
+    assert "CMAKE_ARGS" not in stages()[0].env() and "CMAKE_ARGS ?=" not in makefile
+    assert global_args()["LLAMA_CMAKE_ARGS"] == ""  # empty: the script's default
+    assert makefile.count("--only-binary llama-cpp-python") == 2 and "--only-binary llama-cpp-python" in runs
+    default = re.search(r'^DEFAULT_ARGS="(.+)"$', (DEPLOY / "llama_wheel.sh").read_text(), re.MULTILINE)
+    assert default is not None and "-DGGML_NATIVE=OFF" in default[1].split()
+    assert not re.search(r"GGML_(AMX\w*|AVX512\w*|NATIVE)=ON", default[1])
 
 
 def test_dockerfile_copies_every_package_and_the_context_allows_it() -> None:
