@@ -124,6 +124,11 @@ class LlamaEngine:
         out: list[int] = []
         logprobs: list[float] = []
         llm.set_seed(sampling.seed)
+        # Evaluate the whole prompt every time: llama-cpp-python would otherwise reuse the KV cache of the prefix it
+        # shares with the previous request and evaluate only the rest, in smaller batches that take other kernels
+        # and round differently, so a greedy answer would depend on what the model answered before (on the
+        # portable AVX2 build: "17th" after one question, "18th" after another).
+        llm.reset()
         generator = llm.generate(prompt, temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
                                  repeat_penalty=1.0, reset=True)  # fmt: skip
         try:

@@ -19,10 +19,23 @@ def test_greedy_chat_matches_llama_cpp_python(engines: dict[str, Any]) -> None:
     """Our token loop and chat-template rendering give what llama-cpp-python's own chat completion gives."""
     smol: LlamaEngine = engines["smollm2"]
     ours = smol.generate(smol.chat_prompt(ASK), Sampling(max_tokens=24))
+    smol.llm.reset()  # theirs would reuse our KV cache and evaluate the prompt through other kernels
     theirs = smol.llm.create_chat_completion(messages=ASK, temperature=0, max_tokens=24)  # type: ignore[arg-type]
     assert ours.text == theirs["choices"][0]["message"]["content"]
     assert ours.completion_tokens == len(ours.token_logprobs) > 0
     assert all(lp <= 0 and math.isfinite(lp) for lp in ours.token_logprobs)
+
+
+def test_greedy_answer_does_not_depend_on_the_previous_request(engines: dict[str, Any]) -> None:
+    """The same prompt gets the same greedy answer whatever the model answered before (no reuse of the previous
+    request's KV cache, whose shorter batches round differently)."""
+    smol: LlamaEngine = engines["smollm2"]
+    prompt, sampling = smol.chat_prompt(ASK), Sampling(max_tokens=24)
+    first = smol.generate(prompt, sampling)
+    other = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Who painted it?"}]
+    smol.generate(smol.chat_prompt(other), sampling)  # shares the system prompt's prefix with ASK
+    again = smol.generate(prompt, sampling)
+    assert (again.text, again.token_logprobs) == (first.text, first.token_logprobs)
 
 
 def test_logprobs_match_full_logits(engines: dict[str, Any], model_cache: Any) -> None:
