@@ -33,5 +33,11 @@ class Cancelled(LocalModelError):
     reason = "cancelled"
 
 
+class TierOff(LocalModelError):
+    """The model did not pass its start-up self-check (local_models.selfcheck): it is never run."""
+
+    reason = "off"
+
+
 class LoadFailed(LocalModelError):
     """A configured model could not be loaded (bad path, not a GGUF, ...)."""

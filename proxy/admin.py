@@ -72,7 +72,8 @@ async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
 @router.get("/cascade")
 async def get_cascade(svc: Admin) -> dict[str, Any]:
     """The cascade policy in force: routes, per-model gate thresholds (in [0, 1], higher = stricter), samples."""
-    return {**svc.cascade.policy.model_dump(), "local_models": sorted(svc.cascade.workers)}
+    return {**svc.cascade.policy.model_dump(), "local_models": sorted(svc.cascade.workers),
+            "local_models_off": svc.cascade.off}  # fmt: skip
 
 
 @router.put("/cascade")
@@ -81,7 +82,7 @@ async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any cascade fields (the rest stay); routes may only name loaded local models. Logged."""
     policy = await _merged(request, svc.cascade.policy)
     try:
-        policy.check_models(svc.cascade.workers)
+        policy.check_models(svc.cascade.models)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="routes") from None
     _log_change("cascade policy", svc.cascade.policy, policy)
@@ -124,7 +125,11 @@ async def stats(svc: Admin) -> dict[str, Any]:
     """Hits by tier, misses, hit rate, entries, tokens saved, since this process started."""
     return {
         **svc.cache.stats.as_dict(),
-        "cascade": svc.cascade.stats.as_dict(),
+        "cascade": {
+            **svc.cascade.stats.as_dict(),
+            "local_models": sorted(svc.cascade.workers),
+            "local_models_off": svc.cascade.off,
+        },
         "tokens": {**svc.spending.stats.as_dict(), "saved_by_cache": svc.cache.stats.tokens_saved},
         "entries": await svc.cache.store.count(),
         "indexed_vectors": len(svc.cache.index),

@@ -24,6 +24,7 @@ from cache.redis_store import RedisStore
 from cache.response_cache import ResponseCache
 from cache.sqlite_store import SQLiteStore
 from cache.store import EntryStore
+from local_models import selfcheck
 from local_models.cascade import CascadePolicy
 from local_models.engine import LlamaEngine
 from local_models.worker import ModelWorker
@@ -82,17 +83,28 @@ def create_app(
     return app
 
 
-async def _load_engines(settings: Settings, given: Mapping[str, LlamaEngine] | None) -> dict[str, ModelWorker]:
-    """Load the local models that some route uses (off the event loop), each behind its worker."""
+async def _load_engines(
+    settings: Settings, given: Mapping[str, LlamaEngine] | None
+) -> tuple[dict[str, ModelWorker], dict[str, str]]:
+    """Load the local models that some route uses (off the event loop), each behind its worker, once a test
+    generation in a child process has run (selfcheck): a model whose check crashed stays off. Returns the
+    workers and name -> why for the models left off."""
+    configs = {name: settings.local_models[name] for name in settings.used_local_models()}
+    engines = {name: given[name] for name in configs if given and name in given}
+    paths = {name: await asyncio.to_thread(configs[name].gguf, settings.model_cache_dir)
+             for name in configs if name not in engines}  # fmt: skip
+    off: dict[str, str] = {}
+    if settings.local_self_check and paths:
+        checks = {name: (path, configs[name].threads) for name, path in paths.items()}
+        off = await selfcheck.check_all(checks, settings.local_self_check_timeout_s)
     workers = {}
-    for name in settings.used_local_models():
-        config = settings.local_models[name]
-        engine = given[name] if given and name in given else None
-        if engine is None:
-            engine = await asyncio.to_thread(LlamaEngine.load, name, config, settings.model_cache_dir)
+    for name, config in configs.items():
+        if name in off:
+            continue
+        engine = engines[name] if name in engines else await asyncio.to_thread(LlamaEngine, name, config, paths[name])
         workers[name] = ModelWorker(engine, config.max_queue)
         log.info("local model %s: %s (%s prompt)", name, engine.path.name, config.prompt)
-    return workers
+    return workers, off
 
 
 async def _start(
@@ -130,7 +142,8 @@ async def _start(
         log.info("upstream: %s", upstream.base_url)
     else:
         log.warning("no upstream configured (CACHECADE_UPSTREAM_BASE_URL): misses are answered by local models")
-    cascade = Cascade(await _load_engines(settings, engines), settings.cascade_policy())
+    workers, off = await _load_engines(settings, engines)
+    cascade = Cascade(workers, settings.cascade_policy(), off)
     if settings.admin_token is None:
         log.info("admin API disabled: set CACHECADE_ADMIN_TOKEN to enable /admin")
     budgets = Budgets(counters, settings.budget_policy(), cache.clock)
@@ -173,7 +186,7 @@ def apply_policy(services: Services, name: str, fields: dict[str, Any]) -> None:
         services.cache.policy = CachePolicy.model_validate(fields)
     elif name == "cascade":
         policy = CascadePolicy.model_validate(fields)
-        policy.check_models(services.cascade.workers)
+        policy.check_models(services.cascade.models)
         services.cascade.policy = policy
     elif name == "budgets":
         services.spending.budgets.policy = BudgetPolicy.model_validate(fields)

@@ -18,7 +18,7 @@ from local_models.budget import plan_decoding
 from local_models.cascade import CascadePolicy, Tier, judge
 from local_models.confidence import Confidence, assess, vote, vote_decided
 from local_models.engine import Generation, Sampling
-from local_models.errors import LocalModelError, Unsupported
+from local_models.errors import LocalModelError, TierOff, Unsupported
 from local_models.worker import ModelWorker
 
 log = logging.getLogger("cachecade.cascade")
@@ -108,10 +108,17 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 class Cascade:
     """Runs a request through its route's local tiers."""
 
-    def __init__(self, workers: Mapping[str, ModelWorker], policy: CascadePolicy) -> None:
+    def __init__(self, workers: Mapping[str, ModelWorker], policy: CascadePolicy,
+                 off: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.workers = dict(workers)
+        self.off = dict(off or {})  # configured models that failed their self-check: name -> why
         self.policy = policy
         self.stats = CascadeStats()
+
+    @property
+    def models(self) -> set[str]:
+        """Every configured local model a route may name: loaded, or off (its tier then escalates)."""
+        return set(self.workers) | set(self.off)
 
     def route(self, model: str, has_upstream: bool) -> list[Tier] | None:
         return self.policy.route_for(model, has_upstream)
@@ -156,8 +163,10 @@ class Cascade:
 
     async def _try(self, name: str, kind: Kind, body: Mapping[str, Any], samplings: list[Sampling], last: bool,
                    result: CascadeResult) -> LocalAnswer | None:  # fmt: skip
-        worker = self.workers[name]
+        worker = self.workers.get(name)
         try:
+            if worker is None:
+                raise TierOff(f"local model {name} is off: {self.off.get(name, 'not loaded')}")
             unsupported = local_unsupported(body)
             if unsupported is not None:
                 raise Unsupported(f"{name} cannot honour {unsupported}")

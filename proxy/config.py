@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     )
     cascade_default_route: str = DEFAULT_ROUTE
     local_max_tokens: int = Field(256, ge=1, le=32768, description="local answer cap when the client sets none")
+    local_self_check: bool = Field(
+        True,
+        description="before serving, generate a few tokens per local model in a child process; a model whose "
+        "check crashes (a llama.cpp build this CPU cannot run) starts off instead of taking the proxy down",
+    )
+    local_self_check_timeout_s: float = Field(120.0, gt=0, description="a self-check still running then counts as "
+                                              "crashed")  # fmt: skip
 
     key_limits: dict[str, KeyLimits] = Field(
         default_factory=dict,

@@ -36,5 +36,6 @@ async def readyz(request: Request) -> JSONResponse:
         "embedder": svc.embedder.model_id,
         "indexed_vectors": len(svc.cache.index),
         "local_models": sorted(svc.cascade.workers),
+        "local_models_off": svc.cascade.off,  # failed the start-up self-check: their tiers escalate
         "upstream_configured": svc.upstream is not None,  # not the URL: it may hold credentials or internal names
     })  # fmt: skip

@@ -122,6 +122,11 @@ def _cascade(svc: Services) -> Iterator[Metric]:
     yield _labelled("cachecade_escalations", "Local tiers that passed a request on, by reason", ["tier", "reason"],
                     escalations)  # fmt: skip
     yield _counter("cachecade_cascade_to_upstream", "Cascaded requests that ended at the upstream", s.upstream)
+    up = GaugeMetricFamily("cachecade_local_model_up", "1: the local model passed its start-up self-check and "
+                           "serves; 0: it is off (see /readyz for why)", labels=["tier"])  # fmt: skip
+    for name in sorted(svc.cascade.models):
+        up.add_metric([name], 0.0 if name in svc.cascade.off else 1.0)
+    yield up
 
 
 def _tokens(svc: Services) -> Iterator[Metric]:

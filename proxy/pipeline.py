@@ -338,6 +338,8 @@ class CompletionPipeline:
 def _exhausted(result: CascadeResult) -> ServiceUnavailable:
     """No local tier answered and there is no upstream tier to escalate to."""
     tried = ", ".join(result.tried) or "none"
+    if result.error is not None and result.error.reason == "off":
+        tried += f"; {result.error}"
     retry = {"retry-after": "1"} if result.error is not None and result.error.reason == "saturated" else {}
     return ServiceUnavailable(
         f"no local model could answer ({tried}) and no upstream tier follows; configure CACHECADE_UPSTREAM_BASE_URL "
