@@ -57,6 +57,18 @@ def _logprob(logits: np.ndarray, token: int) -> float:
     return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
 
 
+def prompt_batches(n: int) -> list[tuple[int, int]]:
+    """The (start, end) batches a prompt of n tokens is evaluated in: they end at fixed positions (8, 16, 24, 32,
+    48, 64, 96, 128, 192, ...: half the power of two below them apart, so a shared head is kept to within
+    a third of its length and a new prompt takes few batches), and the last one holds the last token."""
+    ends, end = [], 8
+    while end < n:
+        ends.append(end)
+        end += max(8, 2 ** (end.bit_length() - 2))
+    starts = [0, *ends]
+    return list(zip(starts, [*ends, n], strict=True))
+
+
 class LlamaEngine:
     """One loaded model. Not thread-safe: ModelWorker calls it from a single thread."""
 
@@ -73,6 +85,9 @@ class LlamaEngine:
             raise LoadFailed(f"local model {name}: cannot load {path}: {exc}") from exc
         self.n_vocab = self.llm.n_vocab()
         self.formatter = self._formatter()
+        # Prompt tokens in the KV cache that _evaluate_prompt may keep. Code that uses .llm directly calls
+        # llm.reset() before and after, so that this stays true.
+        self._evaluated: list[int] = []
 
     @classmethod
     def load(cls, name: str, config: LocalModelConfig, cache_dir: Path | None = None) -> LlamaEngine:
@@ -124,13 +139,9 @@ class LlamaEngine:
         out: list[int] = []
         logprobs: list[float] = []
         llm.set_seed(sampling.seed)
-        # Evaluate the whole prompt every time: llama-cpp-python would otherwise reuse the KV cache of the prefix it
-        # shares with the previous request and evaluate only the rest, in smaller batches that take other kernels
-        # and round differently, so a greedy answer would depend on what the model answered before (on the
-        # portable AVX2 build: "17th" after one question, "18th" after another).
-        llm.reset()
-        generator = llm.generate(prompt, temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
-                                 repeat_penalty=1.0, reset=True)  # fmt: skip
+        self._evaluate_prompt(prompt)
+        generator = llm.generate([], temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
+                                 repeat_penalty=1.0, reset=False)  # fmt: skip
         try:
             for token in generator:
                 if cancelled():
@@ -149,6 +160,28 @@ class LlamaEngine:
         finally:
             generator.close()
         return out, logprobs, self._text(out), "length"
+
+    def _evaluate_prompt(self, prompt: list[int]) -> None:
+        """Evaluate the prompt in the batches `prompt_batches` gives, keeping those that the previous prompt
+        evaluated and this one shares (a system prompt, the few-shot examples).
+
+        llama-cpp-python's own prefix reuse evaluates whatever follows the shared prefix as one batch, so the same
+        prompt went through other batch sizes, kernels and roundings depending on the request before it, and its
+        greedy answer changed with history (on the portable AVX2 build: "17th" after one question, "18th" after
+        another). Here every token of a prompt is evaluated in the same batch whatever came before."""
+        llm, batches = self.llm, prompt_batches(len(prompt))
+        done = self._evaluated
+        kept = 0
+        if done and llm.n_tokens >= len(done) and llm.input_ids[: len(done)].tolist() == done:
+            for start, end in batches[:-1]:  # the last batch holds the last token, whose logits are needed
+                if end > len(done) or prompt[start:end] != done[start:end]:
+                    break
+                kept = end
+        llm.n_tokens = kept  # eval drops the KV cache past this point
+        for start, end in batches:
+            if start >= kept:
+                llm.eval(prompt[start:end])
+        self._evaluated = prompt[: batches[-1][0]]
 
     def _text(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", "ignore")
