@@ -72,7 +72,9 @@ def prompt_batches(n: int) -> list[tuple[int, int]]:
 class LlamaEngine:
     """One loaded model. Not thread-safe: ModelWorker calls it from a single thread."""
 
-    def __init__(self, name: str, config: LocalModelConfig, path: Path) -> None:
+    def __init__(self, name: str, config: LocalModelConfig, path: Path, vocab_only: bool = False) -> None:
+        """Load the model; `vocab_only` loads its vocabulary and metadata alone (prompts and token counts, no
+        generation: what the proxy keeps when the weights live in a child process)."""
         from llama_cpp import Llama
 
         self.name = name
@@ -80,7 +82,8 @@ class LlamaEngine:
         self.path = path
         try:
             self.llm = Llama(model_path=str(path), n_ctx=config.n_ctx, n_threads=config.threads,
-                             n_threads_batch=config.threads, n_batch=512, logits_all=False, verbose=False)  # fmt: skip
+                             n_threads_batch=config.threads, n_batch=512, logits_all=False, vocab_only=vocab_only,
+                             verbose=False)  # fmt: skip
         except (ValueError, RuntimeError, OSError) as exc:
             raise LoadFailed(f"local model {name}: cannot load {path}: {exc}") from exc
         self.n_vocab = self.llm.n_vocab()

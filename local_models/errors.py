@@ -33,8 +33,16 @@ class Cancelled(LocalModelError):
     reason = "cancelled"
 
 
+class Crashed(LocalModelError):
+    """llama.cpp died (or hung) in the model's child process while answering: the request escalates and the next
+    one gets a new child (local_models.isolation)."""
+
+    reason = "crashed"
+
+
 class TierOff(LocalModelError):
-    """The model did not pass its start-up self-check (local_models.selfcheck): it is never run."""
+    """The model did not pass its start-up self-check (local_models.selfcheck), or crashed too often: it is not
+    run until the proxy restarts."""
 
     reason = "off"
 

@@ -19,6 +19,7 @@ from local_models.errors import Saturated
 from local_models.prompts import Prompt
 
 T = TypeVar("T")
+Enough = Callable[[list[Generation]], bool] | None  # stops a job's samples early once it says so
 
 
 class ModelWorker:
@@ -30,6 +31,7 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{engine.name}")
         self._lock = threading.Lock()
         self._in_model = 0  # running + waiting, counted until the thread is done with each
+        self.off_reason: str | None = None  # set when the model must not run any more (isolation: crashes)
 
     @property
     def name(self) -> str:
@@ -53,12 +55,7 @@ class ModelWorker:
         cancel = threading.Event()
 
         def job() -> list[Generation]:
-            out: list[Generation] = []
-            for sampling in samplings:
-                out.append(self.engine.generate(prompt, sampling, cancel.is_set))
-                if enough is not None and enough(out):
-                    break
-            return out
+            return self._run(prompt, samplings, enough, cancel)
 
         with self._lock:
             if self._in_model >= self.max_queue:
@@ -71,6 +68,16 @@ class ModelWorker:
         except asyncio.CancelledError:
             cancel.set()  # the thread stops at its next token and releases its place in the queue
             raise
+
+    def _run(self, prompt: Prompt, samplings: Sequence[Sampling], enough: Enough, cancel: threading.Event
+             ) -> list[Generation]:  # fmt: skip
+        """The job, on the model's thread: one generation per Sampling until `enough`."""
+        out: list[Generation] = []
+        for sampling in samplings:
+            out.append(self.engine.generate(prompt, sampling, cancel.is_set))
+            if enough is not None and enough(out):
+                break
+        return out
 
     def _release(self, _: object) -> None:
         with self._lock:

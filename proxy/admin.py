@@ -72,7 +72,7 @@ async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
 @router.get("/cascade")
 async def get_cascade(svc: Admin) -> dict[str, Any]:
     """The cascade policy in force: routes, per-model gate thresholds (in [0, 1], higher = stricter), samples."""
-    return {**svc.cascade.policy.model_dump(), "local_models": sorted(svc.cascade.workers),
+    return {**svc.cascade.policy.model_dump(), "local_models": svc.cascade.serving,
             "local_models_off": svc.cascade.off}  # fmt: skip
 
 
@@ -127,7 +127,7 @@ async def stats(svc: Admin) -> dict[str, Any]:
         **svc.cache.stats.as_dict(),
         "cascade": {
             **svc.cascade.stats.as_dict(),
-            "local_models": sorted(svc.cascade.workers),
+            "local_models": svc.cascade.serving,
             "local_models_off": svc.cascade.off,
         },
         "tokens": {**svc.spending.stats.as_dict(), "saved_by_cache": svc.cache.stats.tokens_saved},

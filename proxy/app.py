@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +28,8 @@ from cache.store import EntryStore
 from local_models import selfcheck
 from local_models.cascade import CascadePolicy
 from local_models.engine import LlamaEngine
+from local_models.isolation import ChildProcessWorker
+from local_models.registry import LocalModelConfig
 from local_models.worker import ModelWorker
 from proxy import admin, health, metrics, openai_api
 from proxy.budget import BudgetPolicy, Budgets
@@ -97,14 +100,30 @@ async def _load_engines(
     if settings.local_self_check and paths:
         checks = {name: (path, configs[name].threads) for name, path in paths.items()}
         off = await selfcheck.check_all(checks, settings.local_self_check_timeout_s)
-    workers = {}
+    workers: dict[str, ModelWorker] = {}
     for name, config in configs.items():
-        if name in off:
+        if name in engines:
+            workers[name] = ModelWorker(engines[name], config.max_queue)
+        elif name not in off:
+            workers[name] = await asyncio.to_thread(_load_worker, name, config, paths[name], settings.local_isolation)
+        else:
             continue
-        engine = engines[name] if name in engines else await asyncio.to_thread(LlamaEngine, name, config, paths[name])
-        workers[name] = ModelWorker(engine, config.max_queue)
-        log.info("local model %s: %s (%s prompt)", name, engine.path.name, config.prompt)
+        where = "in a child process" if isinstance(workers[name], ChildProcessWorker) else "in-process"
+        log.info("local model %s: %s (%s prompt, %s)", name, paths.get(name, engines.get(name) and engines[name].path),
+                 config.prompt, where)  # fmt: skip
     return workers, off
+
+
+def _load_worker(name: str, config: LocalModelConfig, path: Path, isolated: bool) -> ModelWorker:
+    if not isolated:
+        return ModelWorker(LlamaEngine(name, config, path), config.max_queue)
+    worker = ChildProcessWorker(name, config, path, config.max_queue)
+    try:
+        worker.start()
+    except BaseException:
+        worker.close()
+        raise
+    return worker
 
 
 async def _start(

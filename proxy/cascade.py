@@ -111,14 +111,25 @@ class Cascade:
     def __init__(self, workers: Mapping[str, ModelWorker], policy: CascadePolicy,
                  off: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.workers = dict(workers)
-        self.off = dict(off or {})  # configured models that failed their self-check: name -> why
+        self._off_at_start = dict(off or {})  # configured models that failed their self-check: name -> why
         self.policy = policy
         self.stats = CascadeStats()
 
     @property
     def models(self) -> set[str]:
-        """Every configured local model a route may name: loaded, or off (its tier then escalates)."""
-        return set(self.workers) | set(self.off)
+        """Every configured local model a route may name: serving, or off (its tier then escalates)."""
+        return set(self.workers) | set(self._off_at_start)
+
+    @property
+    def off(self) -> dict[str, str]:
+        """Models that do not run, and why: failed the start-up self-check, or crashed too often since."""
+        later = {name: w.off_reason for name, w in self.workers.items() if w.off_reason is not None}
+        return {**self._off_at_start, **later}
+
+    @property
+    def serving(self) -> list[str]:
+        """Local models that answer."""
+        return sorted(name for name, w in self.workers.items() if w.off_reason is None)
 
     def route(self, model: str, has_upstream: bool) -> list[Tier] | None:
         return self.policy.route_for(model, has_upstream)
@@ -165,7 +176,7 @@ class Cascade:
                    result: CascadeResult) -> LocalAnswer | None:  # fmt: skip
         worker = self.workers.get(name)
         try:
-            if worker is None:
+            if worker is None or worker.off_reason is not None:
                 raise TierOff(f"local model {name} is off: {self.off.get(name, 'not loaded')}")
             unsupported = local_unsupported(body)
             if unsupported is not None:

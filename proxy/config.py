@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     )
     cascade_default_route: str = DEFAULT_ROUTE
     local_max_tokens: int = Field(256, ge=1, le=32768, description="local answer cap when the client sets none")
+    local_isolation: bool = Field(
+        True,
+        description="run each local model in a child process: a llama.cpp crash fails one request (it "
+        "escalates), not the proxy; false: in the proxy's process (about 0.2 ms less per request)",
+    )
     local_self_check: bool = Field(
         True,
         description="before serving, generate a few tokens per local model in a child process; a model whose "

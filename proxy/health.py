@@ -35,7 +35,7 @@ async def readyz(request: Request) -> JSONResponse:
         "store": store,
         "embedder": svc.embedder.model_id,
         "indexed_vectors": len(svc.cache.index),
-        "local_models": sorted(svc.cascade.workers),
-        "local_models_off": svc.cascade.off,  # failed the start-up self-check: their tiers escalate
+        "local_models": svc.cascade.serving,
+        "local_models_off": svc.cascade.off,  # failed the self-check or crashed: their tiers escalate
         "upstream_configured": svc.upstream is not None,  # not the URL: it may hold credentials or internal names
     })  # fmt: skip

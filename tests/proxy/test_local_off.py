@@ -6,6 +6,9 @@ that dies with SIGILL on the models named in CRASHING and passes on the others."
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -14,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from local_models import selfcheck
 from proxy.app import create_app
@@ -26,7 +30,7 @@ AUTH = {"authorization": f"Bearer {ADMIN}"}
 
 @asynccontextmanager
 async def serving(tmp_path: Path, embedder: Any, model_cache: Path, crashing: Iterable[str],
-                  upstream: FakeUpstream | None) -> AsyncIterator[httpx.AsyncClient]:  # fmt: skip
+                  upstream: FakeUpstream | None) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:  # fmt: skip
     """The app with models loaded from their files, behind a self-check that crashes on some of them."""
     files = {"smollm2": "SmolLM2", "gemma3": "gemma"}
     dying = [files[name] for name in crashing]
@@ -41,7 +45,7 @@ async def serving(tmp_path: Path, embedder: Any, model_cache: Path, crashing: It
         app = create_app(settings, embedder=embedder, upstream_transport=transport)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
         async with app.router.lifespan_context(app), client:
-            yield client
+            yield client, app
 
 
 def auto(question: str) -> dict[str, Any]:
@@ -52,7 +56,7 @@ async def test_a_crashing_model_is_off_and_reported_everywhere(
     tmp_path: Path, embedder: Any, model_cache: Path
 ) -> None:
     upstream = FakeUpstream()
-    async with serving(tmp_path, embedder, model_cache, ["smollm2"], upstream) as client:
+    async with serving(tmp_path, embedder, model_cache, ["smollm2"], upstream) as (client, _):
         ready = (await client.get("/readyz")).json()
         assert ready["status"] == "ready"
         assert ready["local_models"] == ["gemma3"] and ready["local_models_off"] == {"smollm2": SIGILL}
@@ -78,7 +82,7 @@ async def test_a_crashing_model_is_off_and_reported_everywhere(
 
 
 async def test_all_models_off_without_upstream_is_a_clear_503(tmp_path: Path, embedder: Any, model_cache: Path) -> None:
-    async with serving(tmp_path, embedder, model_cache, ["smollm2", "gemma3"], None) as client:
+    async with serving(tmp_path, embedder, model_cache, ["smollm2", "gemma3"], None) as (client, _):
         assert (await client.get("/readyz")).json()["local_models"] == []
         r = await client.post("/v1/chat/completions", json=auto("Which ocean is the largest?"))
         assert r.status_code == 503
@@ -86,3 +90,29 @@ async def test_all_models_off_without_upstream_is_a_clear_503(tmp_path: Path, em
         assert error["code"] == "local_models_unavailable"
         assert "smollm2:off, gemma3:off" in error["message"] and SIGILL in error["message"]
         assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_crash_while_answering_escalates_and_the_proxy_lives_on(
+    tmp_path: Path, embedder: Any, model_cache: Path
+) -> None:
+    """SmolLM2's child process is killed (SIGSEGV, as a llama.cpp crash ends it) in the middle of an answer: the
+    request escalates to the next tier, the proxy keeps serving, and the next request gets a new child."""
+    upstream = FakeUpstream()
+    async with serving(tmp_path, embedder, model_cache, [], upstream) as (client, app):
+        worker = app.state.services.cascade.workers["smollm2"]
+        first_pid = worker.pid
+        story = {**auto("Write a long story about a lighthouse keeper and a storm."), "max_tokens": 400}
+        request = asyncio.create_task(client.post("/v1/chat/completions", json=story))
+        await asyncio.sleep(1.0)
+        assert not request.done()
+        os.kill(first_pid, signal.SIGSEGV)
+        r = await request
+        assert r.status_code == 200, r.text
+        assert r.headers["x-escalated"].split(",")[0] == "smollm2:crashed"
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).json()["local_models"] == ["gemma3", "smollm2"]
+        stats = (await client.get("/admin/stats", headers=AUTH)).json()
+        assert stats["cascade"]["escalations"]["smollm2:crashed"] == 1
+        r = await client.post("/v1/chat/completions", json=auto("What is the capital of France?"))
+        assert r.status_code == 200 and "smollm2:crashed" not in r.headers.get("x-escalated", "")
+        assert worker.pid not in (None, first_pid)
