@@ -12,8 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cache.index import VectorIndex
 from cache.response_cache import CacheStats
+from local_models.cascade import CascadePolicy
 from proxy.app import create_app
-from proxy.cascade import CascadeStats
+from proxy.cascade import Cascade, CascadeStats
 from proxy.config import Settings
 from proxy.metrics import Metrics, metrics_of
 from proxy.spending import TokenStats
@@ -96,7 +97,9 @@ def test_cascade_and_token_counters_are_read_at_scrape_time() -> None:
     cascade = CascadeStats(served=Counter({"smollm2": 3}), escalated=Counter({"smollm2:low-confidence": 2}))
     tokens = TokenStats(local_prompt=10, local_completion=5, local_spent=40, clamped=1)
     cache = SimpleNamespace(stats=CacheStats(bypassed=4), index=VectorIndex(4), store=object())
-    svc = SimpleNamespace(cache=cache, cascade=SimpleNamespace(stats=cascade), follower=None,
+    local = Cascade({}, CascadePolicy(routes={}), off={"gemma3": "llama.cpp died with SIGILL"})
+    local.stats = cascade
+    svc = SimpleNamespace(cache=cache, cascade=local, follower=None,
                           spending=SimpleNamespace(stats=tokens, budgets=SimpleNamespace(errors=2)))  # fmt: skip
     metrics = Metrics(lambda: svc)  # type: ignore[arg-type, return-value]
     cascade.escalated["gemma3:length"] += 1  # after registration: counters are read when scraped
@@ -109,6 +112,7 @@ def test_cascade_and_token_counters_are_read_at_scrape_time() -> None:
     assert value(found, "cachecade_budget_clamped_requests_total") == 1
     assert value(found, "cachecade_budget_counter_errors_total") == 2
     assert value(found, "cachecade_cache_lookups_total", result="bypass") == 4
+    assert value(found, "cachecade_local_model_up", tier="gemma3") == 0
 
 
 async def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
