@@ -71,6 +71,7 @@ bench: install-dev
 	$(BIN)/python -m bench.cache_quality --data $(DATA)
 	$(BIN)/python -m bench.latency --data $(DATA)
 	$(BIN)/python -m bench.local_tier
+	$(BIN)/python -m bench.llama_builds --threads 1 2
 	$(BIN)/python -m bench.embedder_int8 --data $(DATA)
 	$(BIN)/python -m bench.cascade --data $(DATA)
 	$(BIN)/python -m bench.budget_overhead
