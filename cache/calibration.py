@@ -79,27 +79,51 @@ def threshold_rows(similarity: np.ndarray, labels: np.ndarray, thresholds: Seque
     return rows
 
 
+class _Scorer(Protocol):
+    model_id: str
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray: ...
+
+
+VERIFIER_THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99]
+
+
+def _recommend(rows: list[dict[str, Any]], max_false_hit: float) -> dict[str, Any]:
+    meets = [r["threshold"] for r in rows if r["false_hit_rate"]["rate"] <= max_false_hit]
+    safe = [r["threshold"] for r in rows if r["false_hit_rate"]["ci95"][1] <= max_false_hit]
+    return {"recommended_threshold": min(meets) if meets else None,
+            "conservative_threshold": min(safe) if safe else None}  # fmt: skip
+
+
 def calibrate(
-    pairs: Sequence[Pair], embedder: _Encoder, thresholds: Sequence[float], max_false_hit: float
-) -> dict[str, Any]:
+    pairs: Sequence[Pair], embedder: _Encoder, thresholds: Sequence[float], max_false_hit: float,
+    verifier: _Scorer | None = None, band_low: float = 0.8,
+) -> dict[str, Any]:  # fmt: skip
     """The full report, with the recommended threshold (lowest meeting the target) and a conservative one
-    (lowest whose interval's upper end meets it)."""
+    (lowest whose interval's upper end meets it); with a verifier, the same for its probability threshold on the
+    same pairs (served = cosine >= band_low and probability >= threshold)."""
     similarity = pair_similarities(pairs, embedder)
     labels = np.array([p.label for p in pairs], dtype=bool)
     rows = threshold_rows(similarity, labels, thresholds)
-    meets = [r["threshold"] for r in rows if r["false_hit_rate"]["rate"] <= max_false_hit]
-    safe = [r["threshold"] for r in rows if r["false_hit_rate"]["ci95"][1] <= max_false_hit]
-    return {
+    report = {
         "embedder": embedder.model_id,
         "scale": "cosine similarity of L2-normalised embeddings, [0, 1], higher = closer",
         "pairs": len(pairs),
         "duplicates": int(labels.sum()),
         "max_false_hit": max_false_hit,
-        "recommended_threshold": min(meets) if meets else None,
-        "conservative_threshold": min(safe) if safe else None,
+        **_recommend(rows, max_false_hit),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "rows": rows,
     }
+    if verifier is not None:
+        texts = [(p.text_a, p.text_b) for p in pairs]
+        probability = np.concatenate([verifier.score(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+        verified = np.where(similarity >= band_low, probability, -1.0)  # below the band: never served
+        vrows = threshold_rows(verified, labels, VERIFIER_THRESHOLDS)
+        report["verifier"] = {"model": verifier.model_id, "band_low": band_low, "rows": vrows,
+                              "scale": "calibrated probability that both texts ask the same thing, [0, 1]",
+                              **_recommend(vrows, max_false_hit)}  # fmt: skip
+    return report
 
 
 def _fmt(rate: dict[str, Any]) -> str:
@@ -120,4 +144,15 @@ def render_table(report: dict[str, Any]) -> str:
     target = report["max_false_hit"]
     lines.append(f"recommended threshold for false-hit rate <= {100 * target:.1f}%: {report['recommended_threshold']}"
                  f" (conservative, upper 95% bound <= target: {report['conservative_threshold']})")  # fmt: skip
+    v = report.get("verifier")
+    if v:
+        lines += ["", f"cosine >= {v['band_low']:.2f} and verifier {v['model']} probability >= threshold "
+                  f"({v['scale']})",
+                  f"{'threshold':>9}  {'hit rate (dups)':>22}  {'false-hit rate':>22}  {'precision':>22}"]  # fmt: skip
+        for r in v["rows"]:
+            lines.append(f"{r['threshold']:>9.3f}  {_fmt(r['hit_rate']):>22}  {_fmt(r['false_hit_rate']):>22}  "
+                         f"{_fmt(r['precision']):>22}")  # fmt: skip
+        lines.append(f"recommended verifier threshold for false-hit rate <= {100 * target:.1f}%: "
+                     f"{v['recommended_threshold']} (conservative: {v['conservative_threshold']}); set it with "
+                     "CACHECADE_CACHE_VERIFIER_THRESHOLD or PUT /admin/config verifier_threshold")  # fmt: skip
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from cache import EMBEDDER_BACKENDS
-from proxy import cli_cascade
+from proxy import cli_cascade, cli_verifier
 
 if TYPE_CHECKING:
     from cache.calibration import Pair
@@ -104,7 +104,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     if pairs is None:
         return 2
     embedder = load_embedder(args.embedder, args.backend, Path(args.model_cache))
-    report = calibrate(pairs, embedder, args.thresholds, args.max_false_hit)
+    verifier = None
+    if args.verifier != "off":
+        from cache.verifier import PairVerifier
+
+        folder = None if args.verifier == "default" else Path(args.verifier)
+        verifier = PairVerifier.load(folder, Path(args.model_cache))
+    band = verifier.meta.band_low if verifier else 0.8
+    report = calibrate(pairs, embedder, args.thresholds, args.max_false_hit, verifier, band)
     print(render_table(report))
     _write_json(args.json, report)
     return 0
@@ -172,9 +179,12 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--embedder", default="all-MiniLM-L6-v2", help="packaged embedder name or model directory")
     cal.add_argument("--backend", choices=EMBEDDER_BACKENDS, default="onnx", help="embedder backend (onnx)")
     cal.add_argument("--model-cache", default=_model_cache(), help="where the ONNX export is kept")
+    cal.add_argument("--verifier", default="default", help="also measure cosine + this verifier on the same pairs: "
+                     "'default' (shipped), an artifact folder, or 'off'")  # fmt: skip
     cal.add_argument("--json", help="also write the report as JSON to this path")
     cal.set_defaults(run=_calibrate)
     cli_cascade.add_parser(sub)
+    cli_verifier.add_parser(sub)
     kid = sub.add_parser("key-id", help="print the id of an API key (budgets are set per key id)",
                          description="Print the id cachecade knows an API key by (a hash; keys are never stored). "
                          "Use it in key_limits and /admin/budgets. Reads the key from stdin when none is given, "
