@@ -27,18 +27,35 @@ class CachePolicy(BaseModel):
     max_temperature: float = Field(1.0, ge=0.0, le=2.0)
     cache_tool_calls: bool = False
     top_k: int = Field(4, ge=1, le=64)
+    # The verifier (cache/verifier.py), when one is loaded: a candidate at cosine >= verifier_band_low is served
+    # only if the verifier's probability that both texts ask the same thing is >= its threshold; the cosine
+    # `threshold` above then applies only with the verifier off. Candidates at cosine >= verifier_skip_above are
+    # served unverified (1.0: none, since word swaps reach 0.99).
+    verifier_enabled: bool = True
+    verifier_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    verifier_model_thresholds: dict[str, float] = Field(default_factory=dict)
+    verifier_namespace_thresholds: dict[str, float] = Field(default_factory=dict)
+    verifier_band_low: float = Field(0.8, ge=0.0, le=1.0)
+    verifier_skip_above: float = Field(1.0, ge=0.0, le=1.0)
 
     def model_post_init(self, __context: Any) -> None:
-        for name in ("model_thresholds", "namespace_thresholds"):
+        for name in ("model_thresholds", "namespace_thresholds", "verifier_model_thresholds",
+                     "verifier_namespace_thresholds"):  # fmt: skip
             for key, value in getattr(self, name).items():
                 if not 0.0 <= value <= 1.0:
-                    raise ValueError(f"{name}[{key!r}] = {value}: a threshold is a cosine in [0, 1]")
+                    raise ValueError(f"{name}[{key!r}] = {value}: a threshold is in [0, 1]")
 
     def threshold_for(self, model: str, namespace: str) -> float:
         """The configured threshold for a model and namespace."""
         if namespace in self.namespace_thresholds:
             return self.namespace_thresholds[namespace]
         return self.model_thresholds.get(model, self.threshold)
+
+    def verifier_threshold_for(self, model: str, namespace: str) -> float:
+        """The configured verifier threshold (a probability) for a model and namespace."""
+        if namespace in self.verifier_namespace_thresholds:
+            return self.verifier_namespace_thresholds[namespace]
+        return self.verifier_model_thresholds.get(model, self.verifier_threshold)
 
 
 def uncacheable_reason(body: Mapping[str, Any], policy: CachePolicy) -> str | None:

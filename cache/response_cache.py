@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -15,6 +16,18 @@ from cache.index import VectorIndex
 from cache.keys import CacheKey
 from cache.policy import CachePolicy
 from cache.store import Entry, EntryStore, new_vid
+from cache.verifier import AsyncVerifier, canonical
+
+log = logging.getLogger("cachecade.cache")
+
+
+@dataclass
+class Verdict:
+    """What the verifier decided on a lookup: accept (a candidate served), reject (candidates, none served) or
+    skipped (served above verifier_skip_above, unverified); its probability for the best candidate it read."""
+
+    decision: Literal["accept", "reject", "skipped"] | None = None
+    score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,8 @@ class Lookup:
     max_age: float | None = None  # seconds; older entries are not served
     max_tokens: int | None = None  # the caller's limit; longer stored answers are not served
     threshold: float | None = None  # a stricter per-request threshold
+    verifier_threshold: float | None = None  # a stricter per-request verifier threshold
+    verdict: Verdict = field(default_factory=Verdict)  # filled in by the lookup
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,10 @@ class CacheStats:
     stale_index_ids: int = 0  # ids the index had but the store did not (dropped on sight)
     too_long_for_semantic: int = 0  # lookups whose text is longer than the embedder reads
     tokens_saved: int = 0
+    verifier_accepts: int = 0  # lookups served because the verifier accepted a candidate
+    verifier_rejects: int = 0  # lookups whose candidates the verifier all rejected (misses)
+    verifier_skips: int = 0  # hits above verifier_skip_above, served unverified
+    verifier_errors: int = 0  # verifications that failed (those lookups missed)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -82,11 +101,13 @@ class ResponseCache:
         embedder: AsyncEmbedder | None,
         policy: CachePolicy,
         clock: Callable[[], float] = time.time,
+        verifier: AsyncVerifier | None = None,
     ) -> None:
         self.store = store
         self.index = index
         self.embedder = embedder
         self.policy = policy
+        self.verifier = verifier
         self.clock = clock
         self.stats = CacheStats()
         self._last_used: dict[int, float] = {}
@@ -115,10 +136,25 @@ class ResponseCache:
             await self.index.load(partition, np.array(vids, dtype=np.int64), np.stack(vectors))
         return len(self.index)
 
+    @property
+    def verifying(self) -> bool:
+        """Whether semantic candidates go through the verifier."""
+        return self.verifier is not None and self.policy.verifier_enabled
+
     def threshold(self, key: CacheKey, request: Lookup) -> float:
-        """The effective threshold: configured, tightened (never loosened) by the request."""
-        configured = self.policy.threshold_for(key.model, key.namespace)
+        """The effective cosine threshold: configured (with the verifier on: its band's lower bound), tightened
+        (never loosened) by the request."""
+        if self.verifying:
+            configured = self.policy.verifier_band_low
+        else:
+            configured = self.policy.threshold_for(key.model, key.namespace)
         return max(configured, request.threshold) if request.threshold is not None else configured
+
+    def verifier_threshold(self, key: CacheKey, request: Lookup) -> float:
+        """The effective verifier threshold (a probability): configured, tightened by the request."""
+        configured = self.policy.verifier_threshold_for(key.model, key.namespace)
+        given = request.verifier_threshold
+        return max(configured, given) if given is not None else configured
 
     def _servable(self, entry: Entry, key: CacheKey, request: Lookup, now: float) -> bool:
         if entry.tenant != key.tenant or entry.namespace != key.namespace or entry.kind != key.kind:
@@ -174,15 +210,59 @@ class ResponseCache:
 
     async def _lookup_semantic(self, key: CacheKey, request: Lookup, vector: np.ndarray, now: float) -> Hit | None:
         threshold = self.threshold(key, request)
+        if self.verifying:
+            return await self._lookup_verified(key, request, vector, now, threshold)
         for vid, score in self.index.search(key.partition, vector, self.policy.top_k):
             if score < threshold:
                 break
-            entry = await self.store.get(vid)
-            if entry is None:  # evicted or deleted elsewhere: the store is the truth
-                self.stats.stale_index_ids += self.index.remove([vid])
-                continue
-            if entry.partition == key.partition and self._servable(entry, key, request, now):
+            entry = await self._servable_entry(vid, key, request, now)
+            if entry is not None:
                 return Hit(entry, "semantic", score)
+        return None
+
+    async def _servable_entry(self, vid: int, key: CacheKey, request: Lookup, now: float) -> Entry | None:
+        entry = await self.store.get(vid)
+        if entry is None:  # evicted or deleted elsewhere: the store is the truth
+            self.stats.stale_index_ids += self.index.remove([vid])
+            return None
+        return entry if entry.partition == key.partition and self._servable(entry, key, request, now) else None
+
+    async def _lookup_verified(self, key: CacheKey, request: Lookup, vector: np.ndarray, now: float,
+                               threshold: float) -> Hit | None:  # fmt: skip
+        """The top-k candidates at or above the band, read concurrently and verified in one batch; the best one
+        (by cosine) that the verifier accepts is served."""
+        assert self.verifier is not None and key.text is not None
+        near = [(vid, score) for vid, score in self.index.search(key.partition, vector, self.policy.top_k)
+                if score >= threshold]  # fmt: skip
+        entries = await asyncio.gather(*(self._servable_entry(vid, key, request, now) for vid, _ in near))
+        candidates = [(e, score) for e, (_, score) in zip(entries, near, strict=True) if e is not None and e.text]
+        if not candidates:
+            return None
+        if candidates[0][1] >= self.policy.verifier_skip_above:
+            request.verdict.decision = "skipped"
+            self.stats.verifier_skips += 1
+            return Hit(candidates[0][0], "semantic", candidates[0][1])
+        mine = canonical(key.text)
+        for entry, cosine in candidates:  # the same question in another form: no need to ask the model
+            if canonical(str(entry.text)) == mine:
+                request.verdict.decision, request.verdict.score = "accept", 1.0
+                self.stats.verifier_accepts += 1
+                return Hit(entry, "semantic", cosine)
+        try:
+            scores = await self.verifier.score([(key.text, str(e.text)) for e, _ in candidates])
+        except Exception:  # a failed verification is a miss (never an unverified hit), and is counted
+            self.stats.verifier_errors += 1
+            log.exception("verifier failed; the lookup misses")
+            return None
+        needed = self.verifier_threshold(key, request)
+        request.verdict.score = float(scores[0])
+        for (entry, cosine), probability in zip(candidates, scores, strict=True):
+            if probability >= needed:
+                request.verdict.decision, request.verdict.score = "accept", float(probability)
+                self.stats.verifier_accepts += 1
+                return Hit(entry, "semantic", cosine)
+        request.verdict.decision = "reject"
+        self.stats.verifier_rejects += 1
         return None
 
     async def neighbours(self, key: CacheKey, vector: np.ndarray, k: int, min_similarity: float) -> list[Neighbour]:

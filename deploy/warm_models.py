@@ -1,11 +1,11 @@
 """Image build step: make the derived model files, then start the app once.
 
 The server makes some model files on first use in CACHECADE_MODEL_CACHE_DIR: the embedder's ONNX export (and its
-int8 version) and the Gemma 3 GGUF joined from its package's chunks. Made here, at build time, they are part of
-the image, whose runtime user cannot write there (and whose root filesystem may be read-only); they are made
-readable by every user, since some are written private (0600) and the runtime user is not root. The app is then
-started once with its real settings and must answer /readyz with 200 without changing that directory: an image
-that would fail at start, or write there, fails its build instead.
+int8 version), the cache verifier's ONNX export and the Gemma 3 GGUF joined from its package's chunks. Made here,
+at build time, they are part of the image, whose runtime user cannot write there (and whose root filesystem may
+be read-only); they are made readable by every user, since some are written private (0600) and the runtime user
+is not root. The app is then started once with its real settings and must answer /readyz with 200 without
+changing that directory: an image that would fail at start, or write there, fails its build instead.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from cache.embedder import load_embedder
+from cache.verifier import PairVerifier
 from proxy.app import create_app
 from proxy.config import Settings
 
@@ -42,6 +43,9 @@ def main() -> int:
             print(f"embedder {load_embedder(settings.embedder, backend, cache_dir).model_id} ({backend}): ok")
         for name in settings.used_local_models():
             print(f"local model {name}: {settings.local_models[name].gguf(cache_dir)}")
+        if settings.cache_verifier != "off":
+            folder = None if settings.cache_verifier == "default" else Path(settings.cache_verifier)
+            print(f"cache verifier: {PairVerifier.load(folder, cache_dir).model_id}")
         share(cache_dir)
         before = snapshot(cache_dir)
         with TestClient(create_app(settings)) as client:

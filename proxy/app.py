@@ -25,6 +25,7 @@ from cache.redis_store import RedisStore
 from cache.response_cache import ResponseCache
 from cache.sqlite_store import SQLiteStore
 from cache.store import EntryStore
+from cache.verifier import AsyncVerifier, PairVerifier
 from local_models import selfcheck
 from local_models.cascade import CascadePolicy
 from local_models.engine import LlamaEngine
@@ -54,14 +55,15 @@ def create_app(
     embedder: Embedder | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
     engines: Mapping[str, LlamaEngine] | None = None,
+    verifier: PairVerifier | None = None,
 ) -> FastAPI:
-    """Build the app. `embedder`, `upstream_transport` and `engines` are seams for tests (preloaded models, a
-    mock upstream)."""
+    """Build the app. `embedder`, `upstream_transport`, `engines` and `verifier` are seams for tests (preloaded
+    models, a mock upstream)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await _start(settings, embedder, upstream_transport, engines)
+        services = await _start(settings, embedder, upstream_transport, engines, verifier)
         app.state.services = services
         tasks = [asyncio.create_task(_upkeep(services))]
         if services.follower is not None:
@@ -131,6 +133,7 @@ async def _start(
     embedder: Embedder | None,
     transport: httpx.AsyncBaseTransport | None,
     engines: Mapping[str, LlamaEngine] | None,
+    verifier_seam: PairVerifier | None = None,
 ) -> Services:
     model = embedder
     if model is None:
@@ -140,8 +143,9 @@ async def _start(
         )  # fmt: skip
     async_embedder = AsyncEmbedder(model)
     store, counters = await _open_stores(settings)
+    verifier = await _load_verifier(settings, verifier_seam)
     cache = ResponseCache(store, VectorIndex(model.dim, settings.ivf_threshold, settings.ivf_nprobe), async_embedder,
-                          settings.cache_policy())  # fmt: skip
+                          settings.cache_policy(verifier.meta if verifier else None), verifier=verifier)  # fmt: skip
     follower = None
     if isinstance(store, RedisStore):
         follower = Follower(store, cache, lambda name, fields: None)  # on_policy is set once services exist
@@ -172,6 +176,24 @@ async def _start(
     if follower is not None:
         follower.on_policy = lambda name, fields: apply_policy(services, name, fields)
     return services
+
+
+async def _load_verifier(settings: Settings, given: PairVerifier | None) -> AsyncVerifier | None:
+    """The semantic tier's verifier (exported to ONNX once, off the event loop), or None when it is off."""
+    if given is not None:
+        return AsyncVerifier(given)
+    if settings.cache_verifier == "off" or not settings.cache_semantic_enabled:
+        return None
+    folder = None if settings.cache_verifier == "default" else Path(settings.cache_verifier).expanduser()
+    verifier = await asyncio.to_thread(PairVerifier.load, folder, settings.model_cache_dir)
+    meta = verifier.meta
+    log.info(
+        "cache verifier %s: threshold %.3f from cosine %.2f",
+        verifier.model_id,
+        settings.cache_verifier_threshold or meta.threshold,
+        settings.cache_verifier_band_low or meta.band_low,
+    )
+    return AsyncVerifier(verifier)
 
 
 async def _open_stores(settings: Settings) -> tuple[EntryStore, CounterStore]:
@@ -220,6 +242,8 @@ async def _stop(services: Services) -> None:
     with contextlib.suppress(CacheError):  # on Redis the counters share the store's (closed) client
         await services.spending.budgets.counters.close()
     services.embedder.close()
+    if services.cache.verifier is not None:
+        services.cache.verifier.close()
     for worker in services.cascade.workers.values():
         worker.close()
 

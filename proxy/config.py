@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from cache.policy import CachePolicy
+from cache.verifier_model import VerifierMeta
 from local_models.cascade import DEFAULT_ROUTE, DEFAULT_THRESHOLDS, UPSTREAM, CascadePolicy
 from local_models.registry import LocalModelConfig, ModelNotFound, default_local_models
 from proxy.budget import BudgetPolicy, KeyLimits
@@ -105,6 +106,20 @@ class Settings(BaseSettings):
     cache_max_entries: int | None = Field(100_000, ge=1, description="LRU eviction past this many entries")
     cache_max_temperature: float = Field(1.0, ge=0.0, le=2.0, description="requests above are not cached")
     cache_tool_calls: bool = Field(False, description="cache answers to requests that offer tools")
+    cache_verifier: str = Field(
+        "default",
+        description="the pair model that checks semantic candidates: 'default' (shipped), an artifact "
+        "folder made by `cachecade train-verifier`, or 'off' (cosine threshold alone)",
+    )
+    cache_verifier_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="probability the verifier needs to serve a candidate (unset: the artifact's calibrated default)",
+    )
+    cache_verifier_band_low: float | None = Field(
+        None, ge=0.0, le=1.0, description="cosine from which candidates are verified (unset: the artifact's)"
+    )
 
     local_models: dict[str, LocalModelConfig] = Field(
         default_factory=default_local_models,
@@ -221,9 +236,17 @@ class Settings(BaseSettings):
         names = policy.local_names()
         return [n for n in self.local_models if n in names]
 
-    def cache_policy(self) -> CachePolicy:
-        """The initial run-time cache policy."""
+    def cache_policy(self, verifier: VerifierMeta | None = None) -> CachePolicy:
+        """The initial run-time cache policy (the verifier's fields from its artifact unless set here)."""
+        defaults = verifier or VerifierMeta()
         return CachePolicy(
+            verifier_enabled=verifier is not None,
+            verifier_threshold=self.cache_verifier_threshold
+            if self.cache_verifier_threshold is not None
+            else defaults.threshold,
+            verifier_band_low=self.cache_verifier_band_low
+            if self.cache_verifier_band_low is not None
+            else defaults.band_low,
             exact_enabled=self.cache_exact_enabled,
             semantic_enabled=self.cache_semantic_enabled,
             threshold=self.cache_threshold,

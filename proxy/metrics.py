@@ -109,6 +109,10 @@ def _cache(svc: Services) -> Iterator[Metric]:
     yield _counter("cachecade_cache_stale_index_ids", "Index ids whose entry had left the store", s.stale_index_ids)
     yield _counter("cachecade_cache_too_long_for_semantic", "Lookups too long to embed (exact tier only)",
                    s.too_long_for_semantic)  # fmt: skip
+    verdicts = [(["accept"], s.verifier_accepts), (["reject"], s.verifier_rejects), (["skipped"], s.verifier_skips),
+                (["error"], s.verifier_errors)]  # fmt: skip
+    yield _labelled("cachecade_cache_verifier_decisions", "Semantic lookups by what the verifier decided",
+                    ["decision"], verdicts)  # fmt: skip
     yield GaugeMetricFamily("cachecade_cache_index_vectors", "Vectors in this replica's index", len(svc.cache.index))
     yield GaugeMetricFamily("cachecade_cache_index_builds", "Partitions whose larger (IVF) index is being built",
                             svc.cache.index.building())  # fmt: skip

@@ -32,6 +32,8 @@ class Outcome:
     gate: str | None = None  # pass | last-tier (no upstream to escalate to, so not gated)
     budget: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, x-token-estimate, x-token-cap
     coalesced: bool = False  # waited for an identical request in flight and was served its answer
+    verifier: str | None = None  # accept | reject | skipped: what the cache verifier decided
+    verifier_score: float | None = None  # its probability for the candidate served (or the best one rejected)
 
     def headers(self) -> dict[str, str]:
         out = {"x-cache": self.cache, "x-served-by": self.served_by, **self.budget}
@@ -53,6 +55,10 @@ class Outcome:
             out["x-cache-bypass-reason"] = self.reason
         if self.coalesced:
             out["x-cache-coalesced"] = "true"
+        if self.verifier is not None:
+            out["x-cache-verifier"] = self.verifier
+        if self.verifier_score is not None:
+            out["x-cache-verifier-score"] = f"{self.verifier_score:.4f}"
         return out
 
 

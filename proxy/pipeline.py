@@ -113,7 +113,7 @@ class CompletionPipeline:
     ) -> Reply:
         options = request.cache or CacheOptions()
         key = (chat_key if kind == "chat" else completion_key)(body, ctx.tenant, options.namespace)
-        lookup = Lookup(ctx.directives.max_age, request.token_limit(), options.threshold)
+        lookup = Lookup(ctx.directives.max_age, request.token_limit(), options.threshold, options.verifier_threshold)
         self._check_threshold(key, lookup)
         reason = uncacheable_reason(body, self.cache.policy) or ("no-cache" if ctx.directives.no_cache else None)
         outcome = Outcome(reason=reason)
@@ -149,6 +149,7 @@ class CompletionPipeline:
             outcome.reason = "cache-error"
             return None, None
         outcome.cache = "MISS" if hit is None else outcome.cache
+        outcome.verifier, outcome.verifier_score = lookup.verdict.decision, lookup.verdict.score
         return hit, vector
 
     async def _lookup_again(self, key: CacheKey, lookup: Lookup) -> Hit | None:
@@ -158,13 +159,15 @@ class CompletionPipeline:
             return None
 
     def _check_threshold(self, key: CacheKey, lookup: Lookup) -> None:
-        configured = self.cache.policy.threshold_for(key.model, key.namespace)
-        if lookup.threshold is not None and lookup.threshold < configured:
-            raise InvalidRequest(
-                f"cache.threshold {lookup.threshold} is looser than the configured {configured}; a request may "
-                "only make the threshold stricter (higher)",
-                param="cache.threshold", code="invalid_value",
-            )  # fmt: skip
+        """A request may only make thresholds stricter: a looser one is a 400 naming the field."""
+        configured = {"threshold": self.cache.threshold(key, Lookup()),
+                      "verifier_threshold": self.cache.verifier_threshold(key, Lookup())}  # fmt: skip
+        for name, given in (("threshold", lookup.threshold), ("verifier_threshold", lookup.verifier_threshold)):
+            if given is not None and given < configured[name]:
+                raise InvalidRequest(
+                    f"cache.{name} {given} is looser than the configured {configured[name]}; a request may only "
+                    f"make the threshold stricter (higher)", param=f"cache.{name}", code="invalid_value",
+                )  # fmt: skip
 
     def _from_cache(
         self, kind: Kind, hit: Hit, request: ChatCompletionRequest | CompletionRequest, outcome: Outcome

@@ -21,6 +21,7 @@ class CacheOptions(BaseModel):
     )
     ttl: Annotated[float, Field(strict=True, gt=0)] | None = None  # seconds
     threshold: Probability | None = None  # may only be stricter than the configured one
+    verifier_threshold: Probability | None = None  # likewise, for the verifier's probability
 
 
 class _Lenient(BaseModel):

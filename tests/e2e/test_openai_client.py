@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 # Short, complete answers: greedy, and a newline ends the answer with finish_reason "stop".
 GEN = {"model": "smollm2", "temperature": 0, "max_tokens": 48, "stop": ["\n"]}
 Q = "How many legs does a spider have?"
-PARAPHRASE = "What number of legs does a spider have?"  # cosine 0.98 to Q with all-MiniLM-L6-v2
+PARAPHRASE = "How many legs do spiders have?"  # cosine 0.97 to Q with all-MiniLM-L6-v2; verifier 0.89
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,17 @@ def test_paraphrase_is_a_semantic_hit_at_the_default_threshold(proxy: Proxy) -> 
     hit = ask(c, PARAPHRASE)
     assert hit.headers["x-cache"] == "HIT-SEMANTIC"
     assert float(hit.headers["x-cache-similarity"]) >= float(hit.headers["x-cache-threshold"])
+    assert hit.headers["x-cache-verifier"] == "accept"  # the default server verifies semantic candidates
     assert hit.parse().choices[0].message.content == answer
+
+
+def test_same_words_in_another_order_is_a_miss(proxy: Proxy) -> None:
+    """Cosine 0.99, another question: the verifier rejects it, and the upstream answers."""
+    c = client(proxy)
+    first = ask(c, "Is a cat faster than a dog?")
+    assert first.parse().choices[0].finish_reason == "stop"  # stored (greedy: the same answer every run)
+    swapped = ask(c, "Is a dog faster than a cat?")
+    assert swapped.headers["x-cache"] == "MISS" and swapped.headers["x-cache-verifier"] == "reject"
 
 
 def test_different_system_prompt_is_a_miss(proxy: Proxy) -> None:

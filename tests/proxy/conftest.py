@@ -76,16 +76,29 @@ def upstream() -> FakeUpstream:
     return FakeUpstream()
 
 
+@pytest.fixture(scope="session")
+def pair_verifier(model_cache: Path):  # type: ignore[no-untyped-def]
+    """The shipped cache verifier, exported to ONNX once per session."""
+    from cache.verifier import PairVerifier
+
+    return PairVerifier.load(None, model_cache)
+
+
 @pytest.fixture
-def make_client(tmp_path: Path, embedder: Any, engines: Any, upstream: FakeUpstream):  # type: ignore[no-untyped-def]
-    """Factory: an httpx client on the app (lifespan run), with settings overrides."""
+def make_client(tmp_path: Path, embedder: Any, engines: Any, upstream: FakeUpstream,  # type: ignore[no-untyped-def]
+                request: pytest.FixtureRequest):  # fmt: skip
+    """Factory: an httpx client on the app (lifespan run), with settings overrides. The cache verifier is off
+    unless `cache_verifier` is given (tests of the cosine tier keep their thresholds; tests/proxy/
+    test_verifier_api.py tests the verified tier)."""
 
     @asynccontextmanager
     async def factory(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
         values: dict[str, Any] = {"data_dir": tmp_path / "data", "upstream_base_url": "http://upstream.test/v1",
-                                  "admin_token": ADMIN, **overrides}  # fmt: skip
+                                  "admin_token": ADMIN, "cache_verifier": "off", **overrides}  # fmt: skip
         transport = None if values["upstream_base_url"] is None else httpx.MockTransport(upstream)
-        app = create_app(Settings(**values), embedder=embedder, upstream_transport=transport, engines=engines)
+        verifier = None if values["cache_verifier"] == "off" else request.getfixturevalue("pair_verifier")
+        app = create_app(Settings(**values), embedder=embedder, upstream_transport=transport, engines=engines,
+                         verifier=verifier)  # fmt: skip
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://cachecade.test") as client:

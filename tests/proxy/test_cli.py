@@ -48,6 +48,11 @@ def test_calibrate_prints_table_and_writes_json(
     report = json.loads(out.read_text())
     assert [r["threshold"] for r in report["rows"]] == [0.8, 0.86, 0.92, 0.98]
     assert report["rows"][0]["false_hit_rate"]["of"] == 2 and report["recommended_threshold"] == 0.8
+    # cosine + the shipped verifier, on the same pairs: Germany for France is no hit even below the cosine band
+    assert "recommended verifier threshold" in printed
+    verified = report["verifier"]
+    assert verified["rows"][0]["false_hit_rate"]["of"] == 2 and verified["band_low"] == pytest.approx(0.8, abs=0.2)
+    assert verified["recommended_threshold"] is not None
 
 
 def test_calibrate_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
