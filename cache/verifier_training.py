@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cache.verifier_data import Pair, generated_pairs, read_pairs, split_of
-from cache.verifier_model import WEIGHTS, VerifierMeta, build_network
+from cache.verifier_model import WEIGHTS, VerifierMeta, build_network, save_trained
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 HARD_PER_KIND = 400  # generated validation pairs scored per kind (word-swap, number, ...)
@@ -74,7 +74,6 @@ def train(pair_files: Sequence[Path], out: Path, embed: Embed, seed: int = 0, ep
           progress: bool = True) -> VerifierMeta:  # fmt: skip
     """Train, calibrate and write the artifact into `out`; returns its meta (with the validation figures)."""
     import torch
-    from safetensors.torch import save_file
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -95,6 +94,7 @@ def train(pair_files: Sequence[Path], out: Path, embed: Embed, seed: int = 0, ep
 
     meta = VerifierMeta(layers=layers, trained_from=trained_from, band_low=band_low, pooling="mean")
     network = build_network(meta, None)
+    base = {k: v.clone() for k, v in network.trained_state().items()}  # the package's, before training
     for name, parameter in network.named_parameters():
         parameter.requires_grad = name.startswith("head.") or any(
             name.startswith(f"encoder.encoder.layer.{i}.") for i in range(trained_from, layers)
@@ -161,8 +161,7 @@ def train(pair_files: Sequence[Path], out: Path, embed: Embed, seed: int = 0, ep
                      "max_false_hit": max_false_hit, "seconds": round(time.monotonic() - started),
                      "validation": figures}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in network.trained_state().items()}, str(out / WEIGHTS))
-    (out / WEIGHTS).chmod(0o644)  # an artifact is for every user (a container serves it as another one)
+    save_trained(network, base, out / WEIGHTS)
     meta.write(out)
     return meta
 
