@@ -30,6 +30,7 @@ from local_models.engine import Generation, LlamaEngine, Sampling
 from local_models.errors import Crashed, LoadFailed, LocalModelError, TierOff
 from local_models.prompts import Prompt
 from local_models.registry import LocalModelConfig
+from local_models.selfcheck import signal_name
 from local_models.worker import Enough, ModelWorker
 
 log = logging.getLogger("cachecade.local")
@@ -81,12 +82,7 @@ class _Child:
         code = self.process.exitcode
         if code is None:
             return "stopped answering"
-        if code < 0:
-            try:
-                return f"died with {signal.Signals(-code).name}"
-            except ValueError:
-                return f"died with signal {-code}"
-        return f"exited with {code}"
+        return f"died with {signal_name(-code)}" if code < 0 else f"exited with {code}"
 
     def kill(self) -> None:
         if self.process.is_alive():

@@ -66,7 +66,7 @@ async def check(path: Path, threads: int, timeout_s: float = 120.0, child: Seque
     if code == 0:
         return CheckResult(True, system_info=_system_info(out))
     if code is not None and code < 0:
-        name = _signal_name(-code)
+        name = signal_name(-code)
         what = f" ({SIGNAL_NAMES[name]})" if name in SIGNAL_NAMES else ""
         return CheckResult(False, True, f"llama.cpp died with {name}{what} in a test generation")
     tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
@@ -90,7 +90,8 @@ async def check_all(models: Mapping[str, tuple[Path, int]], timeout_s: float = 1
     return off
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
+    """SIGILL, SIGSEGV, ... for a signal number."""
     try:
         return signal.Signals(number).name
     except ValueError:

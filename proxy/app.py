@@ -111,8 +111,7 @@ async def _load_engines(
         else:
             continue
         where = "in a child process" if isinstance(workers[name], ChildProcessWorker) else "in-process"
-        log.info("local model %s: %s (%s prompt, %s)", name, paths.get(name, engines.get(name) and engines[name].path),
-                 config.prompt, where)  # fmt: skip
+        log.info("local model %s: %s (%s prompt, %s)", name, workers[name].engine.path, config.prompt, where)
     return workers, off
 
 
@@ -186,13 +185,9 @@ async def _load_verifier(settings: Settings, given: PairVerifier | None) -> Asyn
         return None
     folder = None if settings.cache_verifier == "default" else Path(settings.cache_verifier).expanduser()
     verifier = await asyncio.to_thread(PairVerifier.load, folder, settings.model_cache_dir)
-    meta = verifier.meta
-    log.info(
-        "cache verifier %s: threshold %.3f from cosine %.2f",
-        verifier.model_id,
-        settings.cache_verifier_threshold or meta.threshold,
-        settings.cache_verifier_band_low or meta.band_low,
-    )
+    policy = settings.cache_policy(verifier.meta)
+    log.info("cache verifier %s: threshold %.3f from cosine %.2f", verifier.model_id, policy.verifier_threshold,
+             policy.verifier_band_low)  # fmt: skip
     return AsyncVerifier(verifier)
 
 
