@@ -28,6 +28,7 @@ class Verdict:
 
     decision: Literal["accept", "reject", "skipped"] | None = None
     score: float | None = None
+    ms: float | None = None  # time spent waiting for the model's scores (None: the model was not asked)
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,8 @@ class ResponseCache:
 
     async def _lookup_verified(self, key: CacheKey, request: Lookup, vector: np.ndarray, now: float,
                                threshold: float) -> Hit | None:  # fmt: skip
-        """The top-k candidates at or above the band, read concurrently and verified in one batch; the best one
-        (by cosine) that the verifier accepts is served."""
+        """The top-k candidates at or above the band, read concurrently and verified best-first (the nearest alone,
+        then the rest in one batch); the best one (by cosine) that the verifier accepts is served."""
         assert self.verifier is not None and key.text is not None
         near = [(vid, score) for vid, score in self.index.search(key.partition, vector, self.policy.top_k)
                 if score >= threshold]  # fmt: skip
@@ -248,19 +249,28 @@ class ResponseCache:
                 request.verdict.decision, request.verdict.score = "accept", 1.0
                 self.stats.verifier_accepts += 1
                 return Hit(entry, "semantic", cosine)
+        needed = self.verifier_threshold(key, request)
+        started = time.perf_counter()
         try:
-            scores = await self.verifier.score([(key.text, str(e.text)) for e, _ in candidates])
+            # Best first: the nearest candidate alone (most lookups end there, at the price of one pair), then
+            # the rest in one batch.
+            for group in (candidates[:1], candidates[1:]):
+                if not group:
+                    break
+                scores = await self.verifier.score([(key.text, str(e.text)) for e, _ in group])
+                if request.verdict.score is None:
+                    request.verdict.score = float(scores[0])
+                for (entry, cosine), probability in zip(group, scores, strict=True):
+                    if probability >= needed:
+                        request.verdict.decision, request.verdict.score = "accept", float(probability)
+                        self.stats.verifier_accepts += 1
+                        return Hit(entry, "semantic", cosine)
         except Exception:  # a failed verification is a miss (never an unverified hit), and is counted
             self.stats.verifier_errors += 1
             log.exception("verifier failed; the lookup misses")
             return None
-        needed = self.verifier_threshold(key, request)
-        request.verdict.score = float(scores[0])
-        for (entry, cosine), probability in zip(candidates, scores, strict=True):
-            if probability >= needed:
-                request.verdict.decision, request.verdict.score = "accept", float(probability)
-                self.stats.verifier_accepts += 1
-                return Hit(entry, "semantic", cosine)
+        finally:
+            request.verdict.ms = (time.perf_counter() - started) * 1000
         request.verdict.decision = "reject"
         self.stats.verifier_rejects += 1
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,20 @@ class VerifierMeta:
     threshold: float = 0.5  # the default: a calibrated probability, chosen on validation pairs
     band_low: float = 0.8  # cosine below which candidates are never verified (they are misses)
     training: dict[str, Any] = field(default_factory=dict)  # data, seed, steps, validation figures
+    # The int8 export's own calibration ({"platt": [a, b], "threshold": t, "validation": ...}): quantisation moves
+    # the logits a little, so its probabilities are fitted on its own scores. Empty: the artifact has none, and
+    # it serves in fp32.
+    int8: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, folder: Path) -> VerifierMeta:
         data = json.loads((folder / META).read_text())
         data["platt"] = tuple(data["platt"])
         return cls(**data)
+
+    def as_int8(self) -> VerifierMeta:
+        """This meta with the int8 export's calibration in force (platt, threshold)."""
+        return replace(self, platt=tuple(self.int8["platt"]), threshold=float(self.int8["threshold"]))
 
     def write(self, folder: Path) -> None:
         (folder / META).write_text(json.dumps(asdict(self), indent=2) + "\n")

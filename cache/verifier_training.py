@@ -143,8 +143,7 @@ def train(pair_files: Sequence[Path], out: Path, embed: Embed, seed: int = 0, ep
                 out.append(network(**encode(items[i : i + 128], swap=False)).numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
-    calibrate_half = [p for p in held_out if split_of(p, seed + 1, 0.5) == "train"]
-    report_half = [p for p in held_out if split_of(p, seed + 1, 0.5) == "validation"]
+    calibrate_half, report_half = halves(held_out, seed)
     cal_logits, cal_labels = logits_of(calibrate_half), np.array([p.label for p in calibrate_half])
     meta.platt = fit_platt(cal_logits, cal_labels.astype(float))
     cal_cosine = cosines(calibrate_half, embed)
@@ -162,7 +161,57 @@ def train(pair_files: Sequence[Path], out: Path, embed: Embed, seed: int = 0, ep
                      "validation": figures}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     save_trained(network, base, out / WEIGHTS)
+    calibrate_int8(out, meta, calibrate_half, report_half, embed, max_false_hit, progress)
     meta.write(out)
+    return meta
+
+
+def halves(held_out: Sequence[Pair], seed: int) -> tuple[list[Pair], list[Pair]]:
+    """The held-out pairs' calibration half (fits the scores, picks the threshold) and report half (figures)."""
+    return ([p for p in held_out if split_of(p, seed + 1, 0.5) == "train"],
+            [p for p in held_out if split_of(p, seed + 1, 0.5) == "validation"])  # fmt: skip
+
+
+def calibrate_int8(folder: Path, meta: VerifierMeta, calibrate_half: Sequence[Pair], report_half: Sequence[Pair],
+                   embed: Embed, max_false_hit: float, progress: bool = True) -> None:  # fmt: skip
+    """Fit the int8 export's own calibration and threshold on the calibration half, as for fp32, and record its
+    figures on the report half (meta.int8). The export is made in a scratch folder from the weights in
+    `folder`, as serving makes it."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from cache.verifier import PairVerifier, export, quantize
+
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
+        export(folder, meta, fp32)
+        quantize(fp32, meta, int8)
+        verifier = PairVerifier(int8, meta, "int8")
+
+        def logits_of(items: Sequence[Pair]) -> np.ndarray:
+            chunks = [verifier.logits([(p.a, p.b) for p in items[i : i + 64]])
+                      for i in tqdm(range(0, len(items), 64), desc="calibrate int8", disable=not progress)]  # fmt: skip
+            return np.concatenate(chunks) if chunks else np.zeros(0)
+
+        cal_logits, cal_labels = logits_of(calibrate_half), np.array([p.label for p in calibrate_half])
+        platt = fit_platt(cal_logits, cal_labels.astype(float))
+        threshold = pick_threshold(probability(cal_logits, platt), cosines(calibrate_half, embed), cal_labels,
+                                   meta.band_low, max_false_hit)  # fmt: skip
+        meta.int8 = {"platt": list(platt), "threshold": threshold}
+        meta.int8["validation"] = evaluate(report_half, logits_of(report_half), cosines(report_half, embed),
+                                           meta.as_int8())  # fmt: skip
+
+
+def recalibrate(pair_files: Sequence[Path], folder: Path, embed: Embed, seed: int = 0, max_false_hit: float = 0.01,
+                progress: bool = True) -> VerifierMeta:  # fmt: skip
+    """The int8 calibration of an artifact already trained on these pair files with this seed (no training):
+    for artifacts made before int8 serving."""
+    meta = VerifierMeta.read(folder)
+    pairs = [p for f in pair_files for p in read_pairs(Path(f))]
+    calibrate_half, report_half = halves([p for p in pairs if split_of(p, seed) == "validation"], seed)
+    calibrate_int8(folder, meta, calibrate_half, report_half, embed, max_false_hit, progress)
+    meta.write(folder)
     return meta
 
 

@@ -45,7 +45,8 @@ def main() -> int:
             print(f"local model {name}: {settings.local_models[name].gguf(cache_dir)}")
         if settings.cache_verifier != "off":
             folder = None if settings.cache_verifier == "default" else Path(settings.cache_verifier)
-            print(f"cache verifier: {PairVerifier.load(folder, cache_dir).model_id}")
+            verifier = PairVerifier.load(folder, cache_dir, backend=settings.cache_verifier_backend)
+            print(f"cache verifier: {verifier.model_id}")
         share(cache_dir)
         before = snapshot(cache_dir)
         with TestClient(create_app(settings)) as client:

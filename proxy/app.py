@@ -184,7 +184,8 @@ async def _load_verifier(settings: Settings, given: PairVerifier | None) -> Asyn
     if settings.cache_verifier == "off" or not settings.cache_semantic_enabled:
         return None
     folder = None if settings.cache_verifier == "default" else Path(settings.cache_verifier).expanduser()
-    verifier = await asyncio.to_thread(PairVerifier.load, folder, settings.model_cache_dir)
+    verifier = await asyncio.to_thread(PairVerifier.load, folder, settings.model_cache_dir, 2,
+                                      settings.cache_verifier_backend)  # fmt: skip
     policy = settings.cache_policy(verifier.meta)
     log.info("cache verifier %s: threshold %.3f from cosine %.2f", verifier.model_id, policy.verifier_threshold,
              policy.verifier_band_low)  # fmt: skip

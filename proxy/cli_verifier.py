@@ -21,7 +21,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from cache.embedder import load_embedder
-    from cache.verifier_training import train
+    from cache.verifier_training import recalibrate, train
 
     missing = [p for p in args.pairs if not Path(p).is_file()]
     if missing:
@@ -30,9 +30,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     embedder = load_embedder("all-MiniLM-L6-v2", "onnx", Path(args.model_cache))
+    if args.recalibrate:
+        meta = recalibrate([Path(p) for p in args.pairs], Path(args.out), embedder.encode, seed=args.seed,
+                           max_false_hit=args.max_false_hit, progress=not args.quiet)  # fmt: skip
+        print(json.dumps({"int8": meta.int8}, indent=2))
+        print(f"recalibrated {args.out} for int8 serving")
+        return 0
     meta = train([Path(p) for p in args.pairs], Path(args.out), embedder.encode, seed=args.seed, epochs=args.epochs,
                  max_steps=args.max_steps, max_false_hit=args.max_false_hit, progress=not args.quiet)  # fmt: skip
-    print(json.dumps({"threshold": meta.threshold, "platt": meta.platt, **meta.training}, indent=2))
+    print(json.dumps({"threshold": meta.threshold, "platt": meta.platt, "int8": meta.int8, **meta.training},
+                     indent=2))  # fmt: skip
     print(f"wrote {args.out}; serve it with CACHECADE_CACHE_VERIFIER={args.out}")
     return 0
 
@@ -51,4 +58,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--model-cache", default=_model_cache(), help="where the embedder's ONNX export is kept")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--recalibrate", action="store_true", help="no training: fit the int8 calibration of the "
+                   "artifact in --out (trained on the same --pairs and --seed) on its held-out pairs")  # fmt: skip
     p.set_defaults(run=_run)

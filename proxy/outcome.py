@@ -34,6 +34,8 @@ class Outcome:
     coalesced: bool = False  # waited for an identical request in flight and was served its answer
     verifier: str | None = None  # accept | reject | skipped: what the cache verifier decided
     verifier_score: float | None = None  # its probability for the candidate served (or the best one rejected)
+    lookup_ms: float | None = None  # the cache lookup (embedding, search, verification), wall time
+    verifier_ms: float | None = None  # of which waiting for the verifier's scores
 
     def headers(self) -> dict[str, str]:
         out = {"x-cache": self.cache, "x-served-by": self.served_by, **self.budget}
@@ -59,6 +61,10 @@ class Outcome:
             out["x-cache-verifier"] = self.verifier
         if self.verifier_score is not None:
             out["x-cache-verifier-score"] = f"{self.verifier_score:.4f}"
+        timings = [(name, ms) for name, ms in (("cache", self.lookup_ms), ("verifier", self.verifier_ms))
+                   if ms is not None]  # fmt: skip
+        if timings:  # the W3C Server-Timing header: what the cache's own steps cost this request
+            out["server-timing"] = ", ".join(f"{name};dur={ms:.3f}" for name, ms in timings)
         return out
 
 

@@ -142,12 +142,14 @@ class CompletionPipeline:
     async def _lookup(self, key: CacheKey, lookup: Lookup, outcome: Outcome) -> tuple[Hit | None, np.ndarray | None]:
         semantic = key.text is not None and self.cache.policy.semantic_enabled
         outcome.threshold = self.cache.threshold(key, lookup) if semantic else None
+        started = time.perf_counter()
         try:
             hit, vector = await self.cache.lookup(key, lookup)
         except CacheError as exc:  # fail open: the cache is an optimisation, never a reason to fail
             log.warning("cache lookup failed, serving from upstream: %s", exc)
             outcome.reason = "cache-error"
             return None, None
+        outcome.lookup_ms, outcome.verifier_ms = (time.perf_counter() - started) * 1000, lookup.verdict.ms
         outcome.cache = "MISS" if hit is None else outcome.cache
         outcome.verifier, outcome.verifier_score = lookup.verdict.decision, lookup.verdict.score
         return hit, vector

@@ -227,3 +227,42 @@ async def test_semantic_disabled_and_exact_disabled(make_cache: Factory) -> None
     cache.policy = CachePolicy(threshold=0.8, exact_enabled=False)
     hit, _ = await cache.lookup(key(Q), Lookup())
     assert hit is not None and hit.tier == "semantic" and hit.similarity == pytest.approx(1.0, abs=1e-5)
+
+
+class ScriptedVerifier:
+    """Scores pairs from a table of cached questions, and records the batches it was asked."""
+
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores = scores
+        self.batches: list[list[str]] = []
+
+    async def score(self, pairs: list[tuple[str, str]]) -> Any:
+        import numpy as np
+
+        self.batches.append([cached for _, cached in pairs])
+        return np.array([self.scores[cached] for _, cached in pairs])
+
+
+@pytest.mark.parametrize(("scores", "served", "batches"), [
+    ({"How can I learn Python quickly?": 0.9, "How can I learn Python fast?": 0.9, "How to learn Python?": 0.9},
+     "How can I learn Python quickly?", [1]),  # the nearest accepted: one pair scored, no more
+    ({"How can I learn Python quickly?": 0.1, "How can I learn Python fast?": 0.2, "How to learn Python?": 0.8},
+     "How to learn Python?", [1, 2]),  # the nearest rejected: the rest in one batch, the best accepted served
+    ({"How can I learn Python quickly?": 0.1, "How can I learn Python fast?": 0.2, "How to learn Python?": 0.3},
+     None, [1, 2]),
+])  # fmt: skip
+async def test_verified_lookup_scores_the_nearest_first(make_cache: Factory, embedder: Any, scores: dict[str, float],
+                                                        served: str | None, batches: list[int]) -> None:  # fmt: skip
+    cache = await make_cache(verifier_band_low=0.5, verifier_threshold=0.5)
+    cache.verifier = ScriptedVerifier(scores)  # type: ignore[assignment]
+    for text in scores:
+        await cache.put(key(text), answer(), None, tier="upstream")
+    query = "How could I learn Python quickly?"  # nearest to the first, in no canonical form of it
+    request = Lookup()
+    hit, _ = await cache.lookup(key(query), request)
+    nearest = max(scores, key=lambda t: similarity(embedder, query, t))
+    assert nearest == "How can I learn Python quickly?"
+    assert [len(b) for b in cache.verifier.batches] == batches  # type: ignore[attr-defined]
+    assert cache.verifier.batches[0] == [nearest]  # type: ignore[attr-defined]
+    assert (hit.entry.text if hit else None) == served
+    assert request.verdict.decision == ("accept" if served else "reject") and request.verdict.ms is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache.verifier import AsyncVerifier, PairVerifier
+from cache.verifier import INT8_MAX_DRIFT, AsyncVerifier, PairVerifier
 from cache.verifier_data import Pair, generated_pairs, negation, number_change, surface_variant, word_swap
-from cache.verifier_model import WEIGHTS
+from cache.verifier_model import ARTIFACT, WEIGHTS
 from cache.verifier_training import fit_platt, pick_threshold
 
 SAME = [
@@ -48,10 +49,30 @@ def test_shipped_verifier_rejects_swaps_and_changed_numbers(verifier: PairVerifi
     assert (scores < verifier.meta.threshold).all(), dict(zip(DIFFERENT, scores.round(3), strict=True))
 
 
-@pytest.mark.xfail(strict=True, reason="a known miss of the shipped model: 0.89, above its threshold (0.869)")
+@pytest.mark.xfail(strict=True, reason="a known miss of the shipped model: about 0.89, above its threshold (0.87)")
 def test_shipped_verifier_rejects_the_city_swap(verifier: PairVerifier) -> None:
     (score,) = verifier.score([("Cheap flights from Paris to Rome", "Cheap flights from Rome to Paris")])
     assert score < verifier.meta.threshold
+
+
+def test_int8_serving_uses_its_own_calibration_and_stays_near_fp32(verifier: PairVerifier, model_cache: Path,
+                                                                   tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                                   ) -> None:  # fmt: skip
+    fp32 = PairVerifier.load(None, model_cache, backend="onnx")
+    assert verifier.model_id == fp32.model_id + "-int8"
+    assert verifier.meta.threshold == fp32.meta.int8["threshold"] != fp32.meta.threshold
+    assert verifier.meta.platt == tuple(fp32.meta.int8["platt"])
+    drift = np.abs(verifier.logits(SAME + DIFFERENT) - fp32.logits(SAME + DIFFERENT))
+    assert 0 < drift.max() <= INT8_MAX_DRIFT, drift  # quantised (not the fp32 graph), and near it
+    # An artifact without an int8 calibration (trained before int8 serving) serves in fp32, with a warning.
+    old = tmp_path / "old"
+    shutil.copytree(ARTIFACT, old)
+    meta = json.loads((old / "verifier.json").read_text())
+    del meta["int8"]
+    (old / "verifier.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="cachecade.verifier"):
+        fallback = PairVerifier.load(old, model_cache)
+    assert fallback.model_id == fp32.model_id and "no int8 calibration" in caplog.text
 
 
 def test_scores_are_probabilities_and_the_decision_does_not_depend_on_order(verifier: PairVerifier) -> None:
@@ -125,7 +146,14 @@ def test_train_verifier_cli_on_a_tiny_file(tmp_path: Path, model_cache: Path) ->
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
-    assert summary["steps"] == 2 and 0 <= summary["threshold"] <= 1
+    assert summary["steps"] == 2 and 0 <= summary["threshold"] <= 1 and 0 <= summary["int8"]["threshold"] <= 1
     trained = PairVerifier.load(out, tmp_path / "cache")
+    assert trained.model_id.endswith("-int8") and trained.meta.threshold == summary["int8"]["threshold"]
     assert trained.score([("a question?", "a question")]).shape == (1,)
     assert (out / WEIGHTS).stat().st_size < 5 * 10**6
+    # --recalibrate refits the int8 calibration of the artifact in place, without training.
+    weights = (out / WEIGHTS).read_bytes()
+    again = subprocess.run([*cmd, "--recalibrate"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / WEIGHTS).read_bytes() == weights
+    assert json.loads((out / "verifier.json").read_text())["int8"]["threshold"] == summary["int8"]["threshold"]

@@ -42,6 +42,9 @@ async def test_same_words_in_another_order_is_a_miss(make_client: Any, upstream:
     assert float(swapped.headers["x-cache-verifier-score"]) < needed
     assert stats["verifier_rejects"] == 1 and len(upstream.requests) == 2
     assert value(found, "cachecade_cache_verifier_decisions_total", decision="reject") == 1
+    # Server-Timing says what the lookup cost and how much of it was the verifier.
+    timings = dict(part.strip().split(";dur=") for part in swapped.headers["server-timing"].split(","))
+    assert 0 < float(timings["verifier"]) <= float(timings["cache"])
 
 
 async def test_thresholds_per_namespace_and_stricter_only_per_request(make_client: Any) -> None:
