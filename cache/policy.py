@@ -37,6 +37,13 @@ class CachePolicy(BaseModel):
     verifier_namespace_thresholds: dict[str, float] = Field(default_factory=dict)
     verifier_band_low: float = Field(0.8, ge=0.0, le=1.0)
     verifier_skip_above: float = Field(1.0, ge=0.0, le=1.0)
+    # Learning from labels (cache/labels.py, proxy/learning.py): the largest error rate the operator accepts for
+    # semantic hits (None: thresholds do not move), per namespace where set; a threshold is certified by at least
+    # learn_min_labels labels at learn_confidence.
+    max_error: float | None = Field(None, gt=0.0, lt=1.0)
+    namespace_max_error: dict[str, float] = Field(default_factory=dict)
+    learn_min_labels: int = Field(30, ge=1)
+    learn_confidence: float = Field(0.95, gt=0.5, lt=1.0)
 
     def model_post_init(self, __context: Any) -> None:
         for name in ("model_thresholds", "namespace_thresholds", "verifier_model_thresholds",
@@ -44,6 +51,13 @@ class CachePolicy(BaseModel):
             for key, value in getattr(self, name).items():
                 if not 0.0 <= value <= 1.0:
                     raise ValueError(f"{name}[{key!r}] = {value}: a threshold is in [0, 1]")
+        for key, value in self.namespace_max_error.items():
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"namespace_max_error[{key!r}] = {value}: an error rate is in (0, 1)")
+
+    def max_error_for(self, namespace: str) -> float | None:
+        """The error rate semantic hits in a namespace must stay under (None: no learning there)."""
+        return self.namespace_max_error.get(namespace, self.max_error)
 
     def threshold_for(self, model: str, namespace: str) -> float:
         """The configured threshold for a model and namespace."""

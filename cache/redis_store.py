@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from cache.breaker import Breaker
 from cache.errors import StoreError
+from cache.labels import Label, Served
 from cache.redis_layout import (
     META,
     REBUILD_FIELDS,
@@ -48,6 +49,7 @@ from cache.store import Entry, IndexedVector, PutResult, hex_id
 T = TypeVar("T")
 BULK_TIMEOUT_S = 30.0
 STREAM_MAXLEN = 100_000  # events kept (approximately); a replica further behind rebuilds from the entries
+LABEL_CLAIM_TTL_S = 7 * 24 * 3600  # a request labelled once stays labelled past any served_ttl_s
 BATCH = 1000  # entries per bulk read: one Lua script (a few ms of the server's time) or one pipeline
 PARALLEL = 4  # bulk reads in flight, so the server works while this process decodes the previous replies
 ID_PAGE = 10_000  # LRU ids per ZSCAN call: ~8 ms of the server's time each
@@ -400,6 +402,47 @@ class RedisStore:
             if limit <= 0:
                 break
         return seen
+
+    # --- labels (cache/labels.py) -------------------------------------------------------------------------------
+
+    def _served(self, key_id: str, request_id: str) -> str:
+        return f"{self.prefix}r:{{{key_id}:{request_id}}}"
+
+    def _labels(self, scope: str) -> str:
+        return f"{self.prefix}l:{{{scope}}}"
+
+    @property
+    def _scopes(self) -> str:
+        return f"{self.prefix}label-scopes"
+
+    async def remember(self, served: Served, expires_at: float) -> None:
+        """Keep what answered a request until `expires_at` (a key that expires by itself), for feedback."""
+        ttl_ms = max(1, int((expires_at - time.time()) * 1000))
+        await self._run(self.client.set(self._served(served.key_id, served.request_id), served.dumps(), px=ttl_ms))
+
+    async def recall(self, key_id: str, request_id: str, now: float) -> Served | None:
+        raw = await self._run(self.client.get(self._served(key_id, request_id)))
+        return None if raw is None else Served.loads(raw)
+
+    async def claim_label(self, key_id: str, request_id: str) -> bool:
+        """True the first time a request is labelled, False after (one label per request, on every replica)."""
+        key = self._served(key_id, request_id) + ":labelled"
+        return bool(await self._run(self.client.set(key, b"1", nx=True, ex=LABEL_CLAIM_TTL_S)))
+
+    async def add_label(self, label: Label, keep: int) -> None:
+        """Append a label to its scope's list, keeping the newest `keep`."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lpush(self._labels(label.scope), label.dumps())
+        pipe.ltrim(self._labels(label.scope), 0, keep - 1)
+        pipe.sadd(self._scopes, label.scope)
+        await self._run(pipe.execute())
+
+    async def labels(self, scope: str, limit: int) -> list[Label]:
+        """The newest `limit` labels of a scope, newest first."""
+        return [Label.loads(raw) for raw in await self._run(self.client.lrange(self._labels(scope), 0, limit - 1))]
+
+    async def label_scopes(self) -> list[str]:
+        return sorted(raw.decode() for raw in await self._run(self.client.smembers(self._scopes)))
 
     # --- single-flight locks -------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache.errors import StoreError
+from cache.labels import Label, Served
 from cache.sqlite_writer import SQLiteWriter
 from cache.store import Entry, IndexedVector, PutResult
 
@@ -43,6 +44,21 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_last_access ON entries (last_access);
 CREATE INDEX IF NOT EXISTS entries_expires ON entries (expires_at);
 CREATE INDEX IF NOT EXISTS entries_tenant_ns ON entries (tenant, namespace);
+CREATE TABLE IF NOT EXISTS served (
+    key_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    record TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    labelled INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS served_expires ON served (expires_at);
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    scope TEXT NOT NULL,
+    label TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_scope ON labels (scope, id);
 """
 _COLUMNS = (
     "vid, tenant, namespace, kind, model, partition, exact_key, response, tier, created_at, expires_at, "
@@ -139,7 +155,60 @@ class SQLiteStore:
             cond = "expires_at IS NOT NULL AND expires_at <= ?"
             vids = [r[0] for r in self.db.execute(f"SELECT vid FROM entries WHERE {cond}", (now,))]
             self.db.execute(f"DELETE FROM entries WHERE {cond}", (now,))
+            self.db.execute("DELETE FROM served WHERE expires_at <= ?", (now,))
         return vids
+
+    # --- labels (cache/labels.py) -------------------------------------------------------------------------------
+
+    async def remember(self, served: Served, expires_at: float) -> None:
+        """Keep what answered a request until `expires_at`, for feedback."""
+
+        def write() -> None:
+            with self.db:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO served (key_id, request_id, record, expires_at) VALUES (?, ?, ?, ?)",
+                    (served.key_id, served.request_id, served.dumps(), expires_at),
+                )
+
+        await self._run(write)
+
+    async def recall(self, key_id: str, request_id: str, now: float) -> Served | None:
+        """What answered this tenant's request, if it is still remembered."""
+        row = await self._run(lambda: self.db.execute(
+            "SELECT record FROM served WHERE key_id = ? AND request_id = ? AND expires_at > ?",
+            (key_id, request_id, now)).fetchone())  # fmt: skip
+        return None if row is None else Served.loads(row[0])
+
+    async def claim_label(self, key_id: str, request_id: str) -> bool:
+        """True the first time a request is labelled, False after (one label per request)."""
+
+        def claim() -> bool:
+            with self.db:
+                return bool(self.db.execute("UPDATE served SET labelled = 1 WHERE key_id = ? AND request_id = ? AND "
+                                            "labelled = 0", (key_id, request_id)).rowcount)  # fmt: skip
+
+        return await self._run(claim)
+
+    async def add_label(self, label: Label, keep: int) -> None:
+        """Append a label to its scope, keeping the newest `keep`."""
+
+        def write() -> None:
+            with self.db:
+                self.db.execute("INSERT INTO labels (scope, label) VALUES (?, ?)", (label.scope, label.dumps()))
+                self.db.execute("DELETE FROM labels WHERE scope = ? AND id NOT IN (SELECT id FROM labels WHERE "
+                                "scope = ? ORDER BY id DESC LIMIT ?)", (label.scope, label.scope, keep))  # fmt: skip
+
+        await self._run(write)
+
+    async def labels(self, scope: str, limit: int) -> list[Label]:
+        """The newest `limit` labels of a scope, newest first."""
+        query = "SELECT label FROM labels WHERE scope = ? ORDER BY id DESC LIMIT ?"
+        rows = await self._run(lambda: self.db.execute(query, (scope, limit)).fetchall())
+        return [Label.loads(r[0]) for r in rows]
+
+    async def label_scopes(self) -> list[str]:
+        rows = await self._run(lambda: self.db.execute("SELECT DISTINCT scope FROM labels ORDER BY scope").fetchall())
+        return [r[0] for r in rows]
 
     async def put(self, entry: Entry, max_entries: int | None) -> PutResult:
         return await self._run(self._put, entry, max_entries)

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cache.labels import Label, Served
+
 
 def new_vid() -> int:
     """A random positive 63-bit id: usable as a FAISS id, unique across replicas without coordination."""
@@ -139,3 +141,21 @@ class EntryStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    # Labels from traffic (cache/labels.py): what answered a request, and whether answers were right.
+
+    async def remember(self, served: Served, expires_at: float) -> None: ...
+
+    async def recall(self, key_id: str, request_id: str, now: float) -> Served | None: ...
+
+    async def claim_label(self, key_id: str, request_id: str) -> bool:
+        """True the first time a request is labelled, False after."""
+        ...
+
+    async def add_label(self, label: Label, keep: int) -> None: ...
+
+    async def labels(self, scope: str, limit: int) -> list[Label]:
+        """The newest `limit` labels of a scope, newest first."""
+        ...
+
+    async def label_scopes(self) -> list[str]: ...

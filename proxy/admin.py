@@ -69,6 +69,12 @@ async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     return policy.model_dump()
 
 
+@router.get("/learning")
+async def get_learning(svc: Admin) -> dict[str, Any]:
+    """What traffic taught the thresholds: per scope, its labels and the last decision of the rule."""
+    return await svc.learner.report()
+
+
 @router.get("/cascade")
 async def get_cascade(svc: Admin) -> dict[str, Any]:
     """The cascade policy in force: routes, per-model gate thresholds (in [0, 1], higher = stricter), samples."""
@@ -131,6 +137,12 @@ async def stats(svc: Admin) -> dict[str, Any]:
             "local_models_off": svc.cascade.off,
         },
         "tokens": {**svc.spending.stats.as_dict(), "saved_by_cache": svc.cache.stats.tokens_saved},
+        "learning": {
+            "labels": svc.learner.stats.labels,
+            "entries_deleted": svc.learner.stats.entries_deleted,
+            "threshold_changes": svc.learner.stats.changes,
+            "thresholds": {scope: d.threshold for scope, d in svc.learner.decisions.items()},
+        },
         "entries": await svc.cache.store.count(),
         "indexed_vectors": len(svc.cache.index),
         "partitions": svc.cache.index.partitions(),

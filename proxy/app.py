@@ -38,6 +38,7 @@ from proxy.cascade import Cascade
 from proxy.config import Settings
 from proxy.context import RequestIdMiddleware
 from proxy.errors import install_error_handlers
+from proxy.learning import Learner
 from proxy.pipeline import CompletionPipeline
 from proxy.services import Services
 from proxy.spending import SpendPlanner
@@ -171,7 +172,8 @@ async def _start(
     budgets = Budgets(counters, settings.budget_policy(), cache.clock)
     spending = SpendPlanner(budgets, await asyncio.to_thread(TokenCounter), cache)
     pipeline = CompletionPipeline(cache, upstream, cascade, spending)
-    services = Services(settings, async_embedder, cache, upstream, pipeline, cascade, spending, follower)
+    learner = Learner(cache, settings.learn_served_ttl_s, lambda policy: services.publish("cache", policy))
+    services = Services(settings, async_embedder, cache, upstream, pipeline, cascade, spending, learner, follower)
     if follower is not None:
         follower.on_policy = lambda name, fields: apply_policy(services, name, fields)
     return services
@@ -231,6 +233,7 @@ def apply_policy(services: Services, name: str, fields: dict[str, Any]) -> None:
 
 
 async def _stop(services: Services) -> None:
+    await services.learner.drain()  # records for feedback still being written
     await services.cache.flush_uses()
     if services.upstream is not None:
         await services.upstream.aclose()

@@ -111,6 +111,19 @@ class Settings(BaseSettings):
         description="the pair model that checks semantic candidates: 'default' (shipped), an artifact "
         "folder made by `cachecade train-verifier`, or 'off' (cosine threshold alone)",
     )
+    cache_max_error: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="the error rate semantic hits must stay under: thresholds move with the labels from "
+        "POST /v1/feedback to hold it (unset: they do not move)",
+    )  # fmt: skip
+    cache_namespace_max_error: dict[str, float] = Field(
+        default_factory=dict, description="the same per namespace (JSON object)"
+    )
+    learn_min_labels: int = Field(30, ge=1, description="labels that must back a threshold before it loosens")
+    learn_served_ttl_s: float = Field(
+        86400.0, ge=0.0,
+        description="how long what answered a request is kept for feedback (POST /v1/feedback); 0: not kept",
+    )  # fmt: skip
     cache_verifier_backend: Literal["onnx-int8", "onnx"] = Field(
         "onnx-int8",
         description="how the verifier runs: int8 weights with the artifact's int8 calibration (about 2x faster; "
@@ -261,6 +274,9 @@ class Settings(BaseSettings):
             max_entries=self.cache_max_entries,
             max_temperature=self.cache_max_temperature,
             cache_tool_calls=self.cache_tool_calls,
+            max_error=self.cache_max_error,
+            namespace_max_error=self.cache_namespace_max_error,
+            learn_min_labels=self.learn_min_labels,
         )
 
     @classmethod

@@ -71,6 +71,14 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class Conflict(ProxyError):
+    """The request conflicts with what was done before, e.g. a second feedback on one answer (409)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class ServiceUnavailable(ProxyError):
     """We cannot serve this now (503), e.g. no upstream configured or not ready."""
 

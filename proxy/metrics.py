@@ -82,6 +82,7 @@ class ServicesCollector(Collector):
             return
         yield from _cache(svc)
         yield from _cascade(svc)
+        yield from _learning(svc)
         yield from _tokens(svc)
         yield from _stores(svc)
 
@@ -116,6 +117,24 @@ def _cache(svc: Services) -> Iterator[Metric]:
     yield GaugeMetricFamily("cachecade_cache_index_vectors", "Vectors in this replica's index", len(svc.cache.index))
     yield GaugeMetricFamily("cachecade_cache_index_builds", "Partitions whose larger (IVF) index is being built",
                             svc.cache.index.building())  # fmt: skip
+
+
+def _learning(svc: Services) -> Iterator[Metric]:
+    s = svc.learner.stats
+    yield _labelled("cachecade_feedback_labels", "Answers labelled by POST /v1/feedback", ["good"],
+                    [(["true"], s.labels["good"]), (["false"], s.labels["bad"])])  # fmt: skip
+    yield _counter("cachecade_feedback_entries_deleted", "Cache entries deleted on a bad label", s.entries_deleted)
+    yield _labelled("cachecade_threshold_changes", "Thresholds moved by the labels to hold max_error", ["direction"],
+                    [([d], n) for d, n in s.changes.items()])  # fmt: skip
+    learned = GaugeMetricFamily("cachecade_learned_threshold", "The threshold the labels chose, per scope "
+                                "(tier/scale/namespace)", labels=["scope"])  # fmt: skip
+    bound = GaugeMetricFamily("cachecade_learned_error_bound", "Upper confidence bound of the served error rate "
+                              "at that threshold", labels=["scope"])  # fmt: skip
+    for scope, decision in list(svc.learner.decisions.items()):
+        learned.add_metric([scope], decision.threshold)
+        bound.add_metric([scope], decision.bound)
+    yield learned
+    yield bound
 
 
 def _cascade(svc: Services) -> Iterator[Metric]:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive
 
 from cache.embedder import DEFAULT_EMBEDDER, PACKAGED_EMBEDDERS
@@ -92,7 +92,9 @@ async def _generate(request: Request, kind: Kind, model: type[ChatCompletionRequ
     svc = services(request)
     parsed, body = await parse_body(request, model)
     ctx = context(request, svc)
-    return render(await svc.pipeline.run(kind, parsed, body, ctx))
+    reply = await svc.pipeline.run(kind, parsed, body, ctx)
+    svc.learner.remember(ctx, reply.outcome)  # in the background: for POST /v1/feedback
+    return render(reply)
 
 
 @router.post("/chat/completions")
@@ -105,6 +107,25 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     """Legacy text completions, answered from the cache when it can."""
     return await _generate(request, "completion", CompletionRequest)
+
+
+class Feedback(BaseModel):
+    """POST /v1/feedback: whether the answer to an earlier request (its x-request-id) was right."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128)
+    good: bool
+
+
+@router.post("/feedback")
+async def feedback(request: Request) -> Response:
+    """Label an answer: the same API key as its request. A bad answer the cache holds is deleted at once, and a
+    label on a semantic hit counts against the threshold that served it (proxy/learning.py)."""
+    svc = services(request)
+    parsed, _ = await parse_body(request, Feedback)
+    result = await svc.learner.feedback(key_id_of(request.headers), parsed.request_id, parsed.good)
+    return JSONResponse({"object": "feedback", **result})
 
 
 def _is_local_embedder(name: str, svc: Services) -> bool:

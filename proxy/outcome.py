@@ -34,6 +34,8 @@ class Outcome:
     coalesced: bool = False  # waited for an identical request in flight and was served its answer
     verifier: str | None = None  # accept | reject | skipped: what the cache verifier decided
     verifier_score: float | None = None  # its probability for the candidate served (or the best one rejected)
+    namespace: str = ""  # the request's cache namespace and model (what its labels count against)
+    model: str = ""
     lookup_ms: float | None = None  # the cache lookup (embedding, search, verification), wall time
     verifier_ms: float | None = None  # of which waiting for the verifier's scores
 

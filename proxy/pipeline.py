@@ -116,7 +116,7 @@ class CompletionPipeline:
         lookup = Lookup(ctx.directives.max_age, request.token_limit(), options.threshold, options.verifier_threshold)
         self._check_threshold(key, lookup)
         reason = uncacheable_reason(body, self.cache.policy) or ("no-cache" if ctx.directives.no_cache else None)
-        outcome = Outcome(reason=reason)
+        outcome = Outcome(reason=reason, namespace=key.namespace, model=key.model)
         hit, vector = await self._lookup(key, lookup, outcome) if reason is None else (None, None)
         if hit is not None:
             return self._from_cache(kind, hit, request, outcome)

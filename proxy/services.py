@@ -14,6 +14,7 @@ from cache.follower import Follower
 from cache.response_cache import ResponseCache
 from proxy.cascade import Cascade
 from proxy.config import Settings
+from proxy.learning import Learner
 from proxy.pipeline import CompletionPipeline
 from proxy.spending import SpendPlanner
 from proxy.upstream import Upstream
@@ -32,6 +33,7 @@ class Services:
     pipeline: CompletionPipeline
     cascade: Cascade
     spending: SpendPlanner
+    learner: Learner
     follower: Follower | None = None  # with the Redis store: keeps the index and policies in step
     started_at: float = field(default_factory=time.time)
 

@@ -185,3 +185,27 @@ async def test_nan_in_response_is_a_store_error(store: EntryStore) -> None:
             await store.put(entry(1, response={"choices": [{"logprob": bad}]}), None)
     assert await store.count() == 0
     assert await store.get(1) is None
+
+
+async def test_served_records_and_labels(store: EntryStore) -> None:
+    """What answered a request is found by its tenant only, until it expires; one label per request; labels are
+    kept newest first, the newest `keep` per scope."""
+    from cache.labels import Label, Served
+
+    served = Served("req-1", "k-a", "n", "m", "semantic", "00ab", "semantic/verifier/n/m", 0.93, T0)
+    await store.remember(served, T0 + HOUR)
+    await store.remember(Served("req-2", "k-a", "n", "m", "exact", None, None, None, T0), time.time() + 0.05)
+    assert await store.recall("k-a", "req-1", time.time()) == served
+    assert await store.recall("k-b", "req-1", time.time()) is None  # another key's request id
+    assert await store.recall("k-a", "nope", time.time()) is None
+    time.sleep(0.1)
+    assert await store.recall("k-a", "req-2", time.time()) is None  # forgotten when it expires
+    assert await store.claim_label("k-a", "req-1") and not await store.claim_label("k-a", "req-1")
+    for i in range(5):
+        await store.add_label(Label("s1", 0.9 + i / 100, i % 2 == 0, "feedback", T0 + i, f"r{i}"), keep=3)
+    await store.add_label(Label("s2", 0.5, False, "shadow", T0), keep=3)
+    got = await store.labels("s1", 10)
+    assert [label.request_id for label in got] == ["r4", "r3", "r2"]
+    assert got[0] == Label("s1", 0.9 + 4 / 100, True, "feedback", T0 + 4, "r4")
+    assert [label.request_id for label in await store.labels("s1", 2)] == ["r4", "r3"]
+    assert await store.label_scopes() == ["s1", "s2"]

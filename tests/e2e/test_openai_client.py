@@ -91,6 +91,23 @@ def test_same_words_in_another_order_is_a_miss(proxy: Proxy) -> None:
     assert swapped.headers["x-cache"] == "MISS" and swapped.headers["x-cache-verifier"] == "reject"
 
 
+def test_feedback_with_the_official_client_deletes_a_bad_semantic_hit(proxy: Proxy) -> None:
+    """As the README shows it: the request id from the raw response, POST /v1/feedback through the client's own
+    post(); another key cannot label it; the bad answer is gone."""
+    c = client(proxy)
+    ask(c, Q)
+    hit = ask(c, PARAPHRASE)
+    assert hit.headers["x-cache"] == "HIT-SEMANTIC"
+    body = {"request_id": hit.headers["x-request-id"], "good": False}
+    with pytest.raises(openai.NotFoundError):
+        client(proxy).post("/feedback", cast_to=dict, body=body)
+    got = c.post("/feedback", cast_to=dict, body=body)
+    assert got["entry_deleted"] is True and got["tier"] == "semantic"
+    with pytest.raises(openai.ConflictError):
+        c.post("/feedback", cast_to=dict, body=body)
+    assert ask(c, PARAPHRASE).headers["x-cache"] == "MISS"
+
+
 def test_different_system_prompt_is_a_miss(proxy: Proxy) -> None:
     c = client(proxy)
     first = ask(c, Q, system="Answer in one short sentence.")

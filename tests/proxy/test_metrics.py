@@ -11,11 +11,13 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from cache.index import VectorIndex
+from cache.labels import Decision
 from cache.response_cache import CacheStats
 from local_models.cascade import CascadePolicy
 from proxy.app import create_app
 from proxy.cascade import Cascade, CascadeStats
 from proxy.config import Settings
+from proxy.learning import LearningStats
 from proxy.metrics import Metrics, metrics_of
 from proxy.spending import TokenStats
 from tests.proxy.conftest import FakeUpstream, chat
@@ -99,7 +101,11 @@ def test_cascade_and_token_counters_are_read_at_scrape_time() -> None:
     cache = SimpleNamespace(stats=CacheStats(bypassed=4), index=VectorIndex(4), store=object())
     local = Cascade({}, CascadePolicy(routes={}), off={"gemma3": "llama.cpp died with SIGILL"})
     local.stats = cascade
-    svc = SimpleNamespace(cache=cache, cascade=local, follower=None,
+    learning = LearningStats(labels={"good": 5, "bad": 2}, entries_deleted=2)
+    learning.changes["tightened"] = 1
+    decision = Decision(0.93, 0.87, 40, 0, 0.072, "tightened")
+    learner = SimpleNamespace(stats=learning, decisions={"semantic/verifier/default": decision})
+    svc = SimpleNamespace(cache=cache, cascade=local, follower=None, learner=learner,
                           spending=SimpleNamespace(stats=tokens, budgets=SimpleNamespace(errors=2)))  # fmt: skip
     metrics = Metrics(lambda: svc)  # type: ignore[arg-type, return-value]
     cascade.escalated["gemma3:length"] += 1  # after registration: counters are read when scraped
@@ -113,6 +119,11 @@ def test_cascade_and_token_counters_are_read_at_scrape_time() -> None:
     assert value(found, "cachecade_budget_counter_errors_total") == 2
     assert value(found, "cachecade_cache_lookups_total", result="bypass") == 4
     assert value(found, "cachecade_local_model_up", tier="gemma3") == 0
+    assert value(found, "cachecade_feedback_labels_total", good="false") == 2
+    assert value(found, "cachecade_feedback_entries_deleted_total") == 2
+    assert value(found, "cachecade_threshold_changes_total", direction="tightened") == 1
+    assert value(found, "cachecade_learned_threshold", scope="semantic/verifier/default") == 0.93
+    assert value(found, "cachecade_learned_error_bound", scope="semantic/verifier/default") == 0.072
 
 
 async def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
