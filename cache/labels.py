@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -141,3 +142,23 @@ def decide(labels: list[Label], current: float, delta: float, *, floor: float, c
 def _above(score: float) -> float:
     """The next threshold above a score (one that no longer serves it)."""
     return math.nextafter(score, math.inf)
+
+
+SHORT_ANSWER_WORDS = 12  # answers this short are compared as text; longer ones by the meaning of their words
+SAME_MEANING = 0.9  # cosine of two long answers' embeddings from which they say the same thing
+_NOT_WORD = re.compile(r"[^\w\s]")
+
+
+def normalised(text: str) -> str:
+    """An answer's words: lower case, punctuation dropped, spacing collapsed."""
+    return " ".join(_NOT_WORD.sub(" ", text.lower()).split())
+
+
+def short_answers_agree(cached: str, fresh: str) -> bool | None:
+    """The judge for short answers: the same words, or the shorter one's words inside the longer one ("Paris" and
+    "The capital of France is Paris."). None when both are long (the embedder decides)."""
+    a, b = normalised(cached), normalised(fresh)
+    if min(len(a.split()), len(b.split())) > SHORT_ANSWER_WORDS:
+        return None
+    shorter, longer = sorted((a, b), key=len)
+    return bool(shorter) and (shorter == longer or f" {shorter} " in f" {longer} ")

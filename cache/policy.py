@@ -44,6 +44,12 @@ class CachePolicy(BaseModel):
     namespace_max_error: dict[str, float] = Field(default_factory=dict)
     learn_min_labels: int = Field(30, ge=1)
     learn_confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    # Shadow checks: this share of semantic hits and accepted local answers is also asked of the upstream after
+    # the response is sent, and the two answers compared (a label); never more than shadow_max_share of this
+    # replica's upstream calls, nor shadow_daily_tokens upstream tokens a day (UTC).
+    shadow_share: float = Field(0.0, ge=0.0, le=1.0)
+    shadow_max_share: float = Field(0.1, ge=0.0, le=1.0)
+    shadow_daily_tokens: int = Field(100_000, ge=0)
 
     def model_post_init(self, __context: Any) -> None:
         for name in ("model_thresholds", "namespace_thresholds", "verifier_model_thresholds",

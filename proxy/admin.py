@@ -141,6 +141,7 @@ async def stats(svc: Admin) -> dict[str, Any]:
             "labels": svc.learner.stats.labels,
             "entries_deleted": svc.learner.stats.entries_deleted,
             "threshold_changes": svc.learner.stats.changes,
+            "shadow": svc.learner.stats.shadow,
             "thresholds": {scope: d.threshold for scope, d in svc.learner.decisions.items()},
         },
         "entries": await svc.cache.store.count(),

@@ -172,7 +172,7 @@ async def _start(
     budgets = Budgets(counters, settings.budget_policy(), cache.clock)
     spending = SpendPlanner(budgets, await asyncio.to_thread(TokenCounter), cache)
     pipeline = CompletionPipeline(cache, upstream, cascade, spending)
-    learner = Learner(cache, settings.learn_served_ttl_s, lambda policy: services.publish("cache", policy))
+    learner = Learner(cache, settings.learn_served_ttl_s, lambda policy: services.publish("cache", policy), upstream)
     services = Services(settings, async_embedder, cache, upstream, pipeline, cascade, spending, learner, follower)
     if follower is not None:
         follower.on_policy = lambda name, fields: apply_policy(services, name, fields)

@@ -120,6 +120,14 @@ class Settings(BaseSettings):
         default_factory=dict, description="the same per namespace (JSON object)"
     )
     learn_min_labels: int = Field(30, ge=1, description="labels that must back a threshold before it loosens")
+    cache_shadow_share: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of semantic hits and accepted local answers also asked of the upstream after the "
+        "response, to label them (0: none)",
+    )  # fmt: skip
+    cache_shadow_max_share: float = Field(0.1, ge=0.0, le=1.0, description="shadow calls: at most this share of "
+                                          "the upstream calls")  # fmt: skip
+    cache_shadow_daily_tokens: int = Field(100_000, ge=0, description="shadow calls: upstream tokens a day (UTC)")
     learn_served_ttl_s: float = Field(
         86400.0, ge=0.0,
         description="how long what answered a request is kept for feedback (POST /v1/feedback); 0: not kept",
@@ -277,6 +285,9 @@ class Settings(BaseSettings):
             max_error=self.cache_max_error,
             namespace_max_error=self.cache_namespace_max_error,
             learn_min_labels=self.learn_min_labels,
+            shadow_share=self.cache_shadow_share,
+            shadow_max_share=self.cache_shadow_max_share,
+            shadow_daily_tokens=self.cache_shadow_daily_tokens,
         )
 
     @classmethod

@@ -13,27 +13,39 @@ rule and its guarantee).
   with the verifier on, else `namespace_thresholds`), logged, counted, and shared with the other replicas like an
   admin change. It never loosens below the threshold configured at start.
 
-Partial (what the learning issue asks that is not here yet): shadow checks against the upstream, labels from
-escalations, local-tier thresholds and the pre-generation router.
+- **Shadow checks**: `shadow_share` of semantic hits and of accepted local answers is asked of the upstream
+  again after the response has been sent (a Starlette background task), within `shadow_max_share` of this
+  replica's upstream calls and `shadow_daily_tokens` a day; the judge (cache/labels.py) compares the two answers:
+  short ones as text (the same words, or the shorter inside the longer), long ones by the cosine of their
+  embeddings (>= 0.9). The verdict is a label like feedback's, and a label that goes against the stored answer
+  does not delete it (only a client says an answer is wrong for them).
+
+Partial (what the learning issue asks that is not here yet): labels from escalations, local-tier thresholds (local
+answers are labelled, but their gates do not move) and the pre-generation router.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+from starlette.background import BackgroundTask
+
 from cache.errors import CacheError
-from cache.labels import Decision, Label, Served, decide, scope
+from cache.labels import SAME_MEANING, Decision, Label, Served, decide, normalised, scope, short_answers_agree
 from cache.policy import CachePolicy
 from cache.response_cache import ResponseCache
 from cache.store import vid_from_id
 from proxy.context import RequestContext
 from proxy.errors import Conflict, NotFound
-from proxy.outcome import Outcome
+from proxy.outcome import Outcome, Reply
+from proxy.upstream import Upstream
 
 log = logging.getLogger("cachecade.learning")
 KEEP_LABELS = 5000  # per scope, newest first: what the rule reads
@@ -45,16 +57,22 @@ class LearningStats:
     entries_deleted: int = 0
     changes: dict[str, int] = field(default_factory=lambda: {"tightened": 0, "loosened": 0})
     remember_errors: int = 0
+    upstream_answers: int = 0  # requests the upstream answered (the base of shadow_max_share)
+    shadow: dict[str, int] = field(default_factory=lambda: {"checks": 0, "agreed": 0, "disagreed": 0, "capped": 0,
+                                                            "errors": 0, "tokens": 0})  # fmt: skip
 
 
 class Learner:
     """Remembers what answered, takes feedback, and moves semantic thresholds to hold the operator's bound."""
 
-    def __init__(self, cache: ResponseCache, served_ttl_s: float,
-                 publish: Callable[[CachePolicy], Awaitable[None]]) -> None:  # fmt: skip
+    def __init__(self, cache: ResponseCache, served_ttl_s: float, publish: Callable[[CachePolicy], Awaitable[None]],
+                 upstream: Upstream | None = None, seed: int | None = None) -> None:  # fmt: skip
         self.cache = cache
         self.served_ttl_s = served_ttl_s
         self.publish = publish
+        self.upstream = upstream
+        self.rng = random.Random(seed)
+        self._day, self._day_tokens = "", 0
         self.floor = cache.policy.model_copy(deep=True)  # the thresholds configured at start: never looser
         self.stats = LearningStats()
         self.decisions: dict[str, Decision] = {}  # the last decision per scope
@@ -83,6 +101,8 @@ class Learner:
         """Write what answered in the background (the response never waits for it)."""
         if self.served_ttl_s <= 0 or not ctx.request_id:
             return
+        if outcome.served_by.startswith("upstream:"):
+            self.stats.upstream_answers += 1
         record = self.served(ctx, outcome)
         task = asyncio.get_running_loop().create_task(self._remember(record))
         self._pending.add(task)
@@ -99,6 +119,71 @@ class Learner:
         """Wait for the records being written (tests, shutdown)."""
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    # --- shadow checks -------------------------------------------------------------------------------------------
+
+    def shadow_task(self, ctx: RequestContext, kind: str, body: Mapping[str, Any], reply: Reply
+                    ) -> BackgroundTask | None:  # fmt: skip
+        """A check to run after the response is sent, for a sampled semantic hit or accepted local answer within
+        the caps; None for the rest."""
+        policy, outcome = self.cache.policy, reply.outcome
+        checkable = outcome.cache == "HIT-SEMANTIC" or (outcome.served_by.startswith("local:") and
+                                                        outcome.gate == "pass")  # fmt: skip
+        if self.upstream is None or not checkable or policy.shadow_share <= 0 or not ctx.request_id:
+            return None
+        if self.rng.random() >= policy.shadow_share:
+            return None
+        checks = self.stats.shadow["checks"]
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        if today != self._day:
+            self._day, self._day_tokens = today, 0
+        if (checks + 1 > policy.shadow_max_share * (self.stats.upstream_answers + checks + 1)
+                or self._day_tokens >= policy.shadow_daily_tokens):  # fmt: skip
+            self.stats.shadow["capped"] += 1
+            return None
+        self.stats.shadow["checks"] += 1  # counted now: concurrent requests see the cap at once
+        record = self.served(ctx, outcome)
+        return BackgroundTask(self._shadow, record, kind, dict(body), reply.body, dict(ctx.headers))
+
+    async def _shadow(self, record: Served, kind: str, body: dict[str, Any], served: dict[str, Any] | None,
+                      headers: dict[str, str]) -> None:  # fmt: skip
+        assert self.upstream is not None
+        try:
+            if served is None and record.entry_id is not None and (vid := vid_from_id(record.entry_id)) is not None:
+                entry = await self.cache.store.get(vid)  # a streamed hit: its answer is the entry's
+                served = entry.response if entry is not None else None
+            cached = answer_text(served) if served is not None else None
+            if cached is None or record.scope is None or record.score is None:
+                return
+            asked = {k: v for k, v in body.items() if k not in ("cache", "token_budget", "stream", "stream_options")}
+            path = "chat/completions" if kind == "chat" else "completions"
+            fresh = await self.upstream.post(path, asked, self.upstream.headers(headers))
+            usage = fresh.get("usage") if isinstance(fresh.get("usage"), Mapping) else {}
+            spent = int(usage.get("total_tokens") or 0) if isinstance(usage, Mapping) else 0
+            self.stats.shadow["tokens"] += spent
+            self._day_tokens += spent
+            good = await self.judge(cached, answer_text(fresh) or "")
+        except Exception as exc:  # a background check: never an error anyone sees, but counted and logged
+            self.stats.shadow["errors"] += 1
+            log.warning("shadow check of request %s failed: %s", record.request_id, exc)
+            return
+        self.stats.shadow["agreed" if good else "disagreed"] += 1
+        await self.cache.store.add_label(Label(record.scope, record.score, good, "shadow", time.time(),
+                                               record.request_id), KEEP_LABELS)  # fmt: skip
+        await self.reconsider(record.scope, record.namespace)
+
+    async def judge(self, cached: str, fresh: str) -> bool:
+        """Whether two answers to one question agree (cache/labels.py: short as text, long by meaning)."""
+        short = short_answers_agree(cached, fresh)
+        if short is not None:
+            return short
+        embedder = self.cache.embedder
+        if embedder is None:
+            return normalised(cached) == normalised(fresh)
+        a, b = await embedder.embed(cached), await embedder.embed(fresh)
+        if a is None or b is None:  # too long to embed: only the same text agrees
+            return normalised(cached) == normalised(fresh)
+        return float(np.dot(a, b)) >= SAME_MEANING
 
     # --- feedback ------------------------------------------------------------------------------------------------
 
@@ -169,7 +254,8 @@ class Learner:
         return {"served_ttl_s": self.served_ttl_s, "max_error": self.cache.policy.max_error,
                 "namespace_max_error": self.cache.policy.namespace_max_error, "scopes": scopes,
                 "stats": {"labels": self.stats.labels, "entries_deleted": self.stats.entries_deleted,
-                          "changes": self.stats.changes, "remember_errors": self.stats.remember_errors}}  # fmt: skip
+                          "changes": self.stats.changes, "remember_errors": self.stats.remember_errors,
+                          "upstream_answers": self.stats.upstream_answers, "shadow": self.stats.shadow}}  # fmt: skip
 
 
 def _namespace_threshold(policy: CachePolicy, scale: str, namespace: str) -> tuple[str, float]:
@@ -179,3 +265,13 @@ def _namespace_threshold(policy: CachePolicy, scale: str, namespace: str) -> tup
             namespace, policy.verifier_threshold
         )
     return "namespace_thresholds", policy.namespace_thresholds.get(namespace, policy.threshold)
+
+
+def answer_text(response: Mapping[str, Any]) -> str | None:
+    """The text of a chat or completion answer's first choice (None when it has none)."""
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        return None
+    message = choices[0].get("message")
+    content = message.get("content") if isinstance(message, Mapping) else choices[0].get("text")
+    return content if isinstance(content, str) else None

@@ -124,6 +124,10 @@ def _learning(svc: Services) -> Iterator[Metric]:
     yield _labelled("cachecade_feedback_labels", "Answers labelled by POST /v1/feedback", ["good"],
                     [(["true"], s.labels["good"]), (["false"], s.labels["bad"])])  # fmt: skip
     yield _counter("cachecade_feedback_entries_deleted", "Cache entries deleted on a bad label", s.entries_deleted)
+    yield _labelled("cachecade_shadow_checks", "Served answers asked of the upstream again, by result (capped: "
+                    "sampled but over a cap, not asked)", ["result"],
+                    [([r], s.shadow[r]) for r in ("agreed", "disagreed", "capped", "errors")])  # fmt: skip
+    yield _counter("cachecade_shadow_tokens", "Upstream tokens spent on shadow checks", s.shadow["tokens"])
     yield _labelled("cachecade_threshold_changes", "Thresholds moved by the labels to hold max_error", ["direction"],
                     [([d], n) for d, n in s.changes.items()])  # fmt: skip
     learned = GaugeMetricFamily("cachecade_learned_threshold", "The threshold the labels chose, per scope "

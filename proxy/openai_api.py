@@ -94,7 +94,9 @@ async def _generate(request: Request, kind: Kind, model: type[ChatCompletionRequ
     ctx = context(request, svc)
     reply = await svc.pipeline.run(kind, parsed, body, ctx)
     svc.learner.remember(ctx, reply.outcome)  # in the background: for POST /v1/feedback
-    return render(reply)
+    response = render(reply)
+    response.background = svc.learner.shadow_task(ctx, kind, body, reply)  # runs after the response is sent
+    return response
 
 
 @router.post("/chat/completions")

@@ -49,3 +49,16 @@ def test_an_error_with_enough_labels_tightens_only_as_far_as_certified() -> None
     wrong = [(0.935, False), (0.94, True)]
     decision = decide(labels(*clean_high, *wrong), current=0.93, delta=0.02, floor=0.93)
     assert decision.reason == "tightened" and 0.935 < decision.threshold <= 0.94  # past the error, no further
+
+
+def test_short_answers_are_judged_as_text_long_ones_are_left_to_the_embedder() -> None:
+    from cache.labels import short_answers_agree
+
+    assert short_answers_agree("Paris.", "paris") is True
+    assert short_answers_agree("Paris", "The capital of France is Paris.") is True  # the shorter inside
+    assert short_answers_agree("Paris", "Rome") is False
+    assert short_answers_agree("8", "A spider has 8 legs.") is True
+    assert short_answers_agree("8", "A spider has 18 legs.") is False  # whole words, not digits inside numbers
+    assert short_answers_agree("", "Paris") is False
+    long = "word " * 20
+    assert short_answers_agree(long, long + "more") is None

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from cache.labels import SAME_MEANING, short_answers_agree
 from tests.e2e.conftest import Proxy, stop
 
 pytestmark = pytest.mark.e2e
@@ -106,6 +109,48 @@ def test_feedback_with_the_official_client_deletes_a_bad_semantic_hit(proxy: Pro
     with pytest.raises(openai.ConflictError):
         c.post("/feedback", cast_to=dict, body=body)
     assert ask(c, PARAPHRASE).headers["x-cache"] == "MISS"
+
+
+def test_shadow_check_runs_after_the_response_and_labels_the_hit(
+    start_test_proxy: Callable[..., Proxy], llama_upstream: str, tmp_path: Path, embedder: Any
+) -> None:
+    """Every semantic hit shadow-checked against the real upstream: the hit is answered without waiting for the
+    upstream (faster than a miss), and the label (the greedy upstream agrees with itself) shows up after."""
+    admin = {"authorization": "Bearer e2e-admin-token-0123456789"}
+    proxy = start_test_proxy(tmp_path / "data", upstream_base_url=llama_upstream, cascade_routes="{}",
+                             admin_token=admin["authorization"][7:], cache_shadow_share="1",
+                             cache_shadow_max_share="1")  # fmt: skip
+    c = client(proxy)
+    started = time.perf_counter()
+    ask(c, Q)
+    miss_s = time.perf_counter() - started
+    started = time.perf_counter()
+    hit = ask(c, PARAPHRASE)
+    hit_s = time.perf_counter() - started
+    assert hit.headers["x-cache"] == "HIT-SEMANTIC" and hit_s < miss_s / 2, (hit_s, miss_s)
+    deadline = time.monotonic() + 30
+    while True:
+        learning = httpx.get(f"{proxy.url}/admin/learning", headers=admin, timeout=10).json()
+        scope = learning["scopes"].get("semantic/verifier/default")
+        if scope or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert scope is not None and scope["labels"] == 1, learning
+    assert scope["recent"][0]["source"] == "shadow"
+    # The label is the judge's verdict on the cached answer against the upstream's own answer to the paraphrase.
+    fresh = (
+        openai.OpenAI(base_url=llama_upstream, api_key="x")
+        .chat.completions.create(messages=[{"role": "user", "content": PARAPHRASE}], **GEN)
+        .choices[0]
+        .message.content
+    )  # type: ignore[call-overload]
+    cached = hit.parse().choices[0].message.content or ""
+    expected = short_answers_agree(cached, fresh or "")
+    if expected is None:  # long answers: by the cosine of their embeddings
+        a, b = embedder.encode([cached, fresh or ""])
+        expected = float(a @ b) >= SAME_MEANING
+    assert scope["recent"][0]["good"] is expected, (cached, fresh)
+    assert learning["stats"]["shadow"]["checks"] == 1 and learning["stats"]["shadow"]["tokens"] > 0
 
 
 def test_different_system_prompt_is_a_miss(proxy: Proxy) -> None:

@@ -98,3 +98,49 @@ async def test_feedback_and_learned_thresholds_reach_every_replica(make_replica:
         await eventually(a_learned, within=5.0)
         labels = (await a.get("/admin/learning", headers=ADMIN_HEADERS)).json()["scopes"]
         assert labels["semantic/cosine/default"]["bad"] == 1  # the label is in the shared store
+
+
+async def test_shadow_checks_label_hits_and_stop_at_their_caps(make_client: Any, upstream: FakeUpstream) -> None:
+    """Every semantic hit sampled, at most half of the upstream calls: the first hit is asked again (without our
+    fields, not streamed) and the upstream's other answer is a bad label that tightens the threshold; the next
+    hit is over the share cap and not asked."""
+    settings = {"cache_threshold": 0.8, "cache_max_error": 0.05, "cache_shadow_share": 1.0,
+                "cache_shadow_max_share": 0.5}  # fmt: skip
+    async with make_client(**settings) as client:
+        await client.post(CHAT, json=chat(Q), headers=KEY_A)  # upstream call 1
+        upstream.answer = "Rome is the capital of Italy."  # what the upstream says now differs from the cache
+        hit = await client.post(CHAT, json=chat(PARAPHRASE, cache={"namespace": "default"}, stream=True),
+                                headers=KEY_A)  # fmt: skip
+        assert hit.headers["x-cache"] == "HIT-SEMANTIC" and "Paris" in hit.text  # the cached answer, replayed
+        assert len(upstream.requests) == 2  # the shadow call, after the response
+        shadow = upstream.bodies()[1]
+        assert "cache" not in shadow and "stream" not in shadow and shadow["messages"][0]["content"] == PARAPHRASE
+        learning = (await client.get("/admin/learning", headers=ADMIN_HEADERS)).json()
+        scope = learning["scopes"]["semantic/cosine/default"]
+        assert scope["recent"][0]["source"] == "shadow" and scope["recent"][0]["good"] is False
+        assert scope["decision"]["reason"] == "tightened"
+        assert learning["stats"]["shadow"] == {"checks": 1, "agreed": 0, "disagreed": 1, "capped": 0, "errors": 0,
+                                               "tokens": 18}  # fmt: skip
+        # A shadow label does not delete the entry: the question asked again is an exact hit.
+        assert (await client.post(CHAT, json=chat(Q), headers=KEY_A)).headers["x-cache"] == "HIT-EXACT"
+        # Another semantic hit (below the tightened threshold no more: loosen the namespace by hand) is capped.
+        put = await client.put("/admin/config", headers=ADMIN_HEADERS, json={"namespace_thresholds": {}})
+        assert put.status_code == 200
+        again = await client.post(CHAT, json=chat(PARAPHRASE), headers=KEY_A)
+        assert again.headers["x-cache"] == "HIT-SEMANTIC"
+        stats = (await client.get("/admin/stats", headers=ADMIN_HEADERS)).json()["learning"]["shadow"]
+    assert stats["checks"] == 1 and stats["capped"] == 1 and len(upstream.requests) == 2
+
+
+async def test_shadow_checks_stop_at_the_daily_token_cap(make_client: Any, upstream: FakeUpstream) -> None:
+    settings = {"cache_threshold": 0.8, "cache_shadow_share": 1.0, "cache_shadow_max_share": 1.0,
+                "cache_shadow_daily_tokens": 10}  # fmt: skip
+    async with make_client(**settings) as client:
+        await client.post(CHAT, json=chat(Q), headers=KEY_A)
+        for _ in range(3):
+            hit = await client.post(CHAT, json=chat(PARAPHRASE), headers=KEY_A)
+            assert hit.headers["x-cache"] == "HIT-SEMANTIC"
+        shadow = (await client.get("/admin/stats", headers=ADMIN_HEADERS)).json()["learning"]["shadow"]
+    # The first check spent 18 tokens (the fake upstream's usage), past the cap of 10: no more that day.
+    assert shadow["checks"] == 1 and shadow["agreed"] == 1 and shadow["capped"] == 2 and shadow["tokens"] == 18
+    assert len(upstream.requests) == 2
