@@ -135,6 +135,9 @@ async def stats(svc: Admin) -> dict[str, Any]:
             **svc.cascade.stats.as_dict(),
             "local_models": svc.cascade.serving,
             "local_models_off": svc.cascade.off,
+            "router": {"skipped": svc.cascade.router.stats.skipped, "explored": svc.cascade.router.stats.explored}
+            if svc.cascade.router is not None
+            else None,
         },
         "tokens": {**svc.spending.stats.as_dict(), "saved_by_cache": svc.cache.stats.tokens_saved},
         "learning": {

@@ -40,6 +40,7 @@ from proxy.context import RequestIdMiddleware
 from proxy.errors import install_error_handlers
 from proxy.learning import Learner
 from proxy.pipeline import CompletionPipeline
+from proxy.router import Router
 from proxy.services import Services
 from proxy.spending import SpendPlanner
 from proxy.tokens import TokenCounter
@@ -167,6 +168,7 @@ async def _start(
         log.warning("no upstream configured (CACHECADE_UPSTREAM_BASE_URL): misses are answered by local models")
     workers, off = await _load_engines(settings, engines)
     cascade = Cascade(workers, settings.cascade_policy(), off)
+    cascade.router = Router(explore=settings.cascade_router_explore) if settings.cascade_router else None
     if settings.admin_token is None:
         log.info("admin API disabled: set CACHECADE_ADMIN_TOKEN to enable /admin")
     budgets = Budgets(counters, settings.budget_policy(), cache.clock)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from cache.keys import Kind
 from local_models.budget import plan_decoding
 from local_models.cascade import CascadePolicy, Tier, judge
@@ -20,6 +22,7 @@ from local_models.confidence import Confidence, assess, vote, vote_decided
 from local_models.engine import Generation, Sampling
 from local_models.errors import LocalModelError, TierOff, Unsupported
 from local_models.worker import ModelWorker
+from proxy.router import Router
 
 log = logging.getLogger("cachecade.cascade")
 VOTE_TEMPERATURE = 0.7  # samples after the first, when a tier votes and the caller asked for greedy
@@ -114,6 +117,7 @@ class Cascade:
         self._off_at_start = dict(off or {})  # configured models that failed their self-check: name -> why
         self.policy = policy
         self.stats = CascadeStats()
+        self.router: Router | None = None  # skips tiers that similar queries showed will fail (proxy/router.py)
 
     @property
     def models(self) -> set[str]:
@@ -154,9 +158,9 @@ class Cascade:
                          for i in range(1, plan.samples)]  # fmt: skip
 
     async def run(self, kind: Kind, body: Mapping[str, Any], route: list[Tier], limit: int | None,
-                  budget: Budget | None = None) -> CascadeResult:  # fmt: skip
+                  budget: Budget | None = None, vector: np.ndarray | None = None) -> CascadeResult:  # fmt: skip
         """Try each local tier in order until one is accepted; the last local tier is forced to answer when no
-        upstream follows it."""
+        upstream follows it. With the query's embedding, the router may skip a tier (never the last)."""
         result = CascadeResult()
         for position, tier in enumerate(route):
             if not tier.local:
@@ -164,8 +168,12 @@ class Cascade:
                 self.stats.upstream += 1
                 return result
             last = position == len(route) - 1
+            threshold = self.policy.thresholds.get(tier.name, 1.0)
+            if self.router is not None and not last and self.router.skip(tier.name, threshold, vector):
+                self._escalate(tier.name, "skipped-by-router", result)
+                continue
             answer = await self._try(tier.name, kind, body, self.samplings(tier.name, body, limit, budget), last,
-                                     result)  # fmt: skip
+                                     result, vector)  # fmt: skip
             if answer is not None:
                 result.answer = answer
                 self.stats.served[tier.name] += 1
@@ -173,7 +181,7 @@ class Cascade:
         return result
 
     async def _try(self, name: str, kind: Kind, body: Mapping[str, Any], samplings: list[Sampling], last: bool,
-                   result: CascadeResult) -> LocalAnswer | None:  # fmt: skip
+                   result: CascadeResult, vector: np.ndarray | None = None) -> LocalAnswer | None:  # fmt: skip
         worker = self.workers.get(name)
         try:
             if worker is None or worker.off_reason is not None:
@@ -191,8 +199,10 @@ class Cascade:
             result.error = exc
             return None
         answer = self._assess(name, generations, len(samplings))
-        verdict = judge(answer.generation, answer.confidence, self.policy.thresholds.get(name, 1.0),
-                        self.policy.min_token_prob.get(name, 0.0))  # fmt: skip
+        threshold = self.policy.thresholds.get(name, 1.0)
+        verdict = judge(answer.generation, answer.confidence, threshold, self.policy.min_token_prob.get(name, 0.0))
+        if self.router is not None and vector is not None:  # every gate verdict teaches the router
+            self.router.record(name, threshold, vector, verdict.accepted)
         if verdict.accepted:
             return answer
         if last:  # nothing to escalate to: the last local tier answers, marked as not gated (and never cached)

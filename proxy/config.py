@@ -120,6 +120,10 @@ class Settings(BaseSettings):
         default_factory=dict, description="the same per namespace (JSON object)"
     )
     learn_min_labels: int = Field(30, ge=1, description="labels that must back a threshold before it loosens")
+    cascade_router: bool = Field(True, description="skip a local tier when the gate rejected its answers to the "
+                                 "nearest earlier queries (proxy/router.py)")  # fmt: skip
+    cascade_router_explore: float = Field(0.05, ge=0.0, le=1.0, description="share of the router's skips tried "
+                                          "anyway, to learn when a tier starts to pass")  # fmt: skip
     cache_shadow_share: float = Field(
         0.0, ge=0.0, le=1.0,
         description="share of semantic hits and accepted local answers also asked of the upstream after the "

@@ -149,6 +149,11 @@ def _cascade(svc: Services) -> Iterator[Metric]:
     yield _labelled("cachecade_escalations", "Local tiers that passed a request on, by reason", ["tier", "reason"],
                     escalations)  # fmt: skip
     yield _counter("cachecade_cascade_to_upstream", "Cascaded requests that ended at the upstream", s.upstream)
+    router = svc.cascade.router
+    if router is not None:
+        yield _labelled("cachecade_router_decisions", "Local tiers the router skipped, or tried anyway to explore",
+                        ["tier", "decision"], [([t, "skipped"], n) for t, n in list(router.stats.skipped.items())]
+                        + [([t, "explored"], n) for t, n in list(router.stats.explored.items())])  # fmt: skip
     up = GaugeMetricFamily("cachecade_local_model_up", "1: the local model passed its start-up self-check and "
                            "serves; 0: it is off (see /readyz for why)", labels=["tier"])  # fmt: skip
     for name in sorted(svc.cascade.models):

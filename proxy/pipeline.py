@@ -213,7 +213,8 @@ class CompletionPipeline:
         route = self.cascade.route(miss.request.model, self.upstream is not None)
         if route is None:
             return await self._from_upstream(miss, None, body, spend)
-        work = self.cascade.run(miss.kind, body, route, spend.cap, Budget(spend.budget, spend.estimate.tokens))
+        work = self.cascade.run(miss.kind, body, route, spend.cap, Budget(spend.budget, spend.estimate.tokens),
+                                miss.admission.vector)  # fmt: skip
         result = await cancel_on_disconnect(work, miss.ctx.disconnected)
         self.spending.stats.local_spent += result.local_tokens
         miss.outcome.escalated = result.tried

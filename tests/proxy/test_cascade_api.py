@@ -133,3 +133,37 @@ async def test_admin_tunes_the_cascade_at_run_time(make_client, upstream: FakeUp
         stats = (await client.get("/admin/stats", headers=auth)).json()["cascade"]
         assert stats["escalations"] == {"smollm2:low-confidence": 1}
         assert (await client.get("/admin/cascade")).status_code == 401
+
+
+async def test_router_skips_a_tier_that_failed_on_similar_questions(make_client, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    """The gate rejects every SmolLM2 answer (threshold 0.99): after rejected questions of one shape, the next
+    skips SmolLM2 without running it; an unrelated question still tries it; a new gate threshold forgets. (The
+    questions are 0.66-0.73 from the last one, and 0.1 from the unrelated one.)"""
+    countries = ["France", "Spain", "Italy", "Poland", "Portugal", "Austria", "Belgium", "Greece", "Sweden",
+                 "Norway", "Hungary", "Germany"]  # fmt: skip
+
+    def capital(country: str) -> dict[str, Any]:
+        return auto([EASY[0], {"role": "user", "content": f"What is the capital city of {country}?"}])
+
+    settings = {"cascade_routes": ROUTE, "cascade_thresholds": {"smollm2": 0.99}, "cascade_router_explore": 0.0}
+    async with make_client(**settings) as client:
+        tried = 0
+        for country in countries:
+            skipped = await client.post("/v1/chat/completions", json=capital(country))
+            if skipped.headers["x-escalated"] == "smollm2:skipped-by-router":
+                break
+            assert skipped.headers["x-escalated"] in ("smollm2:low-confidence", "smollm2:length")  # gate said no
+            tried += 1
+        assert 5 <= tried < len(countries), tried  # five close failures at least, then skipped
+        assert skipped.headers["x-served-by"] == "upstream:up-model"
+        other = await client.post("/v1/chat/completions", json=auto([{"role": "user", "content": "How do I bake "
+                                                                      "sourdough bread?"}]))  # fmt: skip
+        assert other.headers["x-escalated"] in ("smollm2:low-confidence", "smollm2:length")  # nothing similar: tried
+        stats = (await client.get("/admin/stats", headers={"authorization": f"Bearer {ADMIN}"})).json()
+        assert stats["cascade"]["router"]["skipped"] == {"smollm2": 1}
+        assert stats["cascade"]["escalations"]["smollm2:skipped-by-router"] == 1
+        put = await client.put("/admin/cascade", headers={"authorization": f"Bearer {ADMIN}"},
+                               json={"thresholds": {"smollm2": 0.98}})  # fmt: skip
+        assert put.status_code == 200
+        again = await client.post("/v1/chat/completions", json=capital("Denmark"))
+        assert again.headers["x-escalated"] in ("smollm2:low-confidence", "smollm2:length")  # new gate: tried
