@@ -24,10 +24,12 @@ sample (people report bad answers more than good ones), so it makes the rule str
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+import numpy as np
+from scipy.stats import beta  # imported with the module: its first import takes a second
 
 Source = Literal["feedback", "shadow", "escalation"]
 
@@ -85,8 +87,6 @@ def upper_bound(errors: int, n: int, confidence: float) -> float:
         return 1.0
     if errors >= n:
         return 1.0
-    from scipy.stats import beta
-
     return float(beta.ppf(confidence, errors + 1, n - errors))
 
 
@@ -107,41 +107,45 @@ class Decision:
 
 def decide(labels: list[Label], current: float, delta: float, *, floor: float, ceiling: float = 1.0,
            min_labels: int = 30, confidence: float = 0.95) -> Decision:  # fmt: skip
-    """The threshold the labels ask for (the rule in the module's docstring)."""
-    ranked = sorted(labels, key=lambda label: -label.score)
+    """The threshold the labels ask for (the rule in the module's docstring). Vectorised: a few milliseconds for
+    the 5,000 labels a scope keeps."""
+    scores = np.sort(np.array([label.score for label in labels], dtype=np.float64))
+    bad = np.array([not label.good for label in sorted(labels, key=lambda label: label.score)], dtype=np.int64)
+    wrong_from = np.concatenate([np.cumsum(bad[::-1])[::-1], [0]])  # wrong answers among scores[i:]
 
-    def at(t: float) -> tuple[int, int]:
-        chosen = [label for label in ranked if label.score >= t]
-        return len(chosen), sum(not label.good for label in chosen)
+    def at(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, wrong ones) of the answers scored >= each threshold."""
+        first = np.searchsorted(scores, thresholds, side="left")
+        return len(scores) - first, wrong_from[first]
 
-    def certified(t: float) -> bool:
-        n, k = at(t)
-        return n >= min_labels and upper_bound(k, n, confidence) <= delta
+    def bounds(n: np.ndarray, k: np.ndarray) -> np.ndarray:
+        out = np.ones(len(n))
+        some = (n > 0) & (k < n)  # the rest: no labels, or all wrong (bound 1)
+        out[some] = beta.ppf(confidence, k[some] + 1, n[some] - k[some])
+        return out
 
-    # Candidate thresholds: just above each labelled score (excludes it) and at it (includes it), in range.
-    grid = sorted({min(ceiling, max(floor, s)) for label in ranked for s in (label.score, _above(label.score))}
-                  | {current, floor})  # fmt: skip
-    n, k = at(current)
-    bound = upper_bound(k, n, confidence)
-    if k and bound > delta:
-        above = [t for t in grid if t > current]
-        clean = next((t for t in above if at(t)[1] == 0), ceiling)
-        safe = next((t for t in above if certified(t)), ceiling)
-        chosen = min(clean, safe)
-        n, k = at(chosen)
-        return Decision(chosen, current, n, k, upper_bound(k, n, confidence), "tightened")
+    def decision(t: float, reason: Literal["kept", "tightened", "loosened"]) -> Decision:
+        (n,), (k,) = at(np.array([t]))
+        return Decision(t, current, int(n), int(k), upper_bound(int(k), int(n), confidence), reason)
+
+    n_now, k_now = (int(x[0]) for x in at(np.array([current])))
+    if k_now and upper_bound(k_now, n_now, confidence) > delta:
+        # Candidates above: at each labelled score (includes it) and just above it (excludes it), in range.
+        grid = np.unique(np.clip(np.concatenate([scores, np.nextafter(scores, np.inf)]), floor, ceiling))
+        grid = grid[grid > current]
+        n, k = at(grid)
+        clean = grid[k == 0]
+        certified = grid[(n >= min_labels) & (bounds(n, k) <= delta)] if len(grid) else grid
+        chosen = min(float(clean[0]) if len(clean) else ceiling, float(certified[0]) if len(certified) else ceiling)
+        return decision(chosen, "tightened")
     # Loosening goes only as low as a labelled score: below the lowest label nothing is known.
-    lower = next((t for t in sorted({label.score for label in ranked}) if floor <= t < current and certified(t)),
-                 None)  # fmt: skip
-    if lower is not None:
+    lower = np.unique(scores[(scores >= floor) & (scores < current)])
+    if len(lower):
         n, k = at(lower)
-        return Decision(lower, current, n, k, upper_bound(k, n, confidence), "loosened")
-    return Decision(current, current, n, k, bound, "kept")
-
-
-def _above(score: float) -> float:
-    """The next threshold above a score (one that no longer serves it)."""
-    return math.nextafter(score, math.inf)
+        ok = lower[(n >= min_labels) & (bounds(n, k) <= delta)]
+        if len(ok):
+            return decision(float(ok[0]), "loosened")
+    return decision(current, "kept")
 
 
 SHORT_ANSWER_WORDS = 12  # answers this short are compared as text; longer ones by the meaning of their words
