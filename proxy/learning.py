@@ -99,10 +99,10 @@ class Learner:
 
     def remember(self, ctx: RequestContext, outcome: Outcome) -> None:
         """Write what answered in the background (the response never waits for it)."""
-        if self.served_ttl_s <= 0 or not ctx.request_id:
-            return
         if outcome.served_by.startswith("upstream:"):
             self.stats.upstream_answers += 1
+        if self.served_ttl_s <= 0 or not ctx.request_id:
+            return
         record = self.served(ctx, outcome)
         task = asyncio.get_running_loop().create_task(self._remember(record))
         self._pending.add(task)
