@@ -236,7 +236,10 @@ def apply_policy(services: Services, name: str, fields: dict[str, Any]) -> None:
 
 async def _stop(services: Services) -> None:
     await services.learner.drain()  # records for feedback still being written
-    await services.cache.flush_uses()
+    try:
+        await services.cache.flush_uses()
+    except CacheError as exc:  # a store that is down at shutdown loses the last LRU touches, nothing more
+        log.warning("could not write the last uses of cache entries at shutdown: %s", exc)
     if services.upstream is not None:
         await services.upstream.aclose()
     await services.cache.store.close()

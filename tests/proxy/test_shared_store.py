@@ -101,3 +101,13 @@ async def test_store_failing_between_lookup_and_answer_fails_open(make_client, u
         upstream_answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat("Same one?"))
                                               for _ in range(3)))  # fmt: skip
     assert all(a.status_code == 200 for a in upstream_answers)
+
+
+async def test_a_store_down_at_shutdown_does_not_fail_the_shutdown(make_replica, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The last LRU touches cannot be written while Redis is unavailable: logged, and the app still stops."""
+    async with make_replica("a") as a:
+        await a.post("/v1/chat/completions", json=chat(Q))
+        assert (await a.post("/v1/chat/completions", json=chat(Q))).headers["x-cache"] == "HIT-EXACT"  # a use
+        services = a._transport.app.state.services  # type: ignore[attr-defined]
+        services.cache.store.breaker.failed(ConnectionError("down"))  # Redis unavailable from here on
+    assert "could not write the last uses" in caplog.text

@@ -1,0 +1,218 @@
+"""Learned thresholds on a replayed stream, against an oracle upstream: does the served error rate of semantic hits
+stay under the target delta, and what does holding it cost in hits?
+
+- **Stream** (fixed seed): held-out QQP pairs (the validation split of train-verifier's seed, never trained on),
+  each pair's first question asked, its second asked later (a duplicate should hit, a non-duplicate must not),
+  plus 10 % exact repeats. Gold answers: the QQP duplicate pairs joined into clusters, one answer per cluster, so
+  a served answer is right exactly when it is the query's cluster's.
+- **Upstream**: bench/oracle_upstream.py, a real HTTP server answering each question with its gold answer; so
+  shadow checks compare gold answers, and the error of every semantic hit is known exactly.
+- **Runs**: the shipped default (verifier on, threshold fixed) against the same with `max_error = delta` and shadow
+  checks on a share of hits. Per window: semantic hits, wrong ones, the served error rate, the threshold in force
+  and the rule's upper bound. The cascade part of the learning issue (router latency) is not measured here.
+
+  python -m bench.learning --data ../shared/data [--requests 3000] [--delta 0.02] [--shadow 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import machine, say, write_report
+from bench.latency import start_proxy
+from cache.calibration import wilson
+from cache.verifier_data import read_pairs, split_of
+from local_models.processes import free_port
+
+ADMIN = "bench-admin-token-0123456789"
+KEY = {"authorization": "Bearer sk-bench-learning"}
+
+
+def clusters(pairs: list[Any]) -> dict[str, str]:
+    """Gold answers: questions joined by duplicate pairs share one."""
+    parent: dict[str, str] = {}
+
+    def root(q: str) -> str:
+        parent.setdefault(q, q)
+        while parent[q] != q:
+            parent[q] = parent[parent[q]]
+            q = parent[q]
+        return q
+
+    for p in pairs:
+        a, b = root(p.a), root(p.b)
+        if p.label == 1 and a != b:
+            parent[a] = b
+    names: dict[str, str] = {}
+    return {q: names.setdefault(root(q), f"answer {len(names)}") for q in list(parent)}
+
+
+def stream(pairs: list[Any], requests: int, seed: int) -> list[str]:
+    """First questions, their second questions later, and exact repeats."""
+    rng = random.Random(seed)
+    chosen = rng.sample(pairs, min(len(pairs), requests // 2))
+    out: list[str] = []
+    pending: list[tuple[int, str]] = []
+    for p in chosen:
+        out.append(p.a)
+        pending.append((len(out) + rng.randint(1, 200), p.b))
+        pending.sort()
+        while pending and pending[0][0] <= len(out):
+            out.append(pending.pop(0)[1])
+        if rng.random() < 0.1:
+            out.append(rng.choice(out))
+    out += [q for _, q in pending]
+    return out[:requests]
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready in {timeout_s} s")
+
+
+async def replay(proxy: str, questions: list[str], gold: dict[str, str], window: int) -> list[dict[str, Any]]:
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    rows: list[dict[str, Any]] = []
+    current: dict[str, Any] = {"requests": 0, "semantic": 0, "wrong": 0, "exact": 0}
+    async with httpx.AsyncClient(base_url=proxy, timeout=60) as client:
+        for i, q in enumerate(questions, 1):
+            r = await client.post("/v1/chat/completions", headers=KEY,
+                                  json={"model": "oracle", "messages": [{"role": "user", "content": q}]})  # fmt: skip
+            r.raise_for_status()
+            current["requests"] += 1
+            if r.headers["x-cache"] == "HIT-SEMANTIC":
+                current["semantic"] += 1
+                current["wrong"] += r.json()["choices"][0]["message"]["content"] != gold[q]
+            elif r.headers["x-cache"] == "HIT-EXACT":
+                current["exact"] += 1
+            if i % window == 0 or i == len(questions):
+                config = (await client.get("/admin/config", headers=admin)).json()
+                learning = (await client.get("/admin/learning", headers=admin)).json()
+                scope = learning["scopes"].get("semantic/verifier/default") or {}
+                decision = scope.get("decision") or {}
+                current |= {"upto": i, "threshold": config["verifier_namespace_thresholds"].get(
+                    "default", config["verifier_threshold"]), "labels": scope.get("labels", 0),
+                    "bound": decision.get("bound"), "shadow": learning["stats"]["shadow"],
+                    "upstream_answers": learning["stats"]["upstream_answers"]}  # fmt: skip
+                rows.append(current)
+                current = {"requests": 0, "semantic": 0, "wrong": 0, "exact": 0}
+    return rows
+
+
+def run(mode: str, questions: list[str], gold: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as work:
+        workdir = Path(work)
+        answers = workdir / "answers.json"
+        answers.write_text(json.dumps(gold))
+        port = free_port()
+        oracle_log = workdir / "oracle.log"
+        env = {**os.environ, "ORACLE_ANSWERS": str(answers)}
+        with oracle_log.open("w") as out:
+            oracle = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.oracle_upstream:app", "--port",
+                                       str(port), "--log-level", "warning"], env=env, stdout=out,
+                                      stderr=subprocess.STDOUT)  # fmt: skip
+        extra = {"CACHECADE_ADMIN_TOKEN": ADMIN, "CACHECADE_CASCADE_ROUTES": "{}"}
+        if mode == "learning":
+            extra |= {"CACHECADE_CACHE_MAX_ERROR": repr(args.delta), "CACHECADE_CACHE_SHADOW_SHARE": repr(args.shadow),
+                      "CACHECADE_CACHE_SHADOW_MAX_SHARE": repr(args.shadow)}  # fmt: skip
+        proxy, url, log = start_proxy(workdir, f"http://127.0.0.1:{port}/v1", 0.95, extra)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/v1/models", oracle, oracle_log)
+            wait_ready(f"{url}/readyz", proxy, log)
+            started = time.monotonic()
+            rows = asyncio.run(replay(url, questions, gold, args.window))
+            seconds = time.monotonic() - started
+        finally:
+            for p in (proxy, oracle):
+                p.terminate()
+                p.wait(timeout=30)
+    semantic, wrong = sum(r["semantic"] for r in rows), sum(r["wrong"] for r in rows)
+    return {"mode": mode, "windows": rows, "seconds": round(seconds, 1), "semantic_hits": semantic, "wrong": wrong,
+            "error_rate": wrong / max(1, semantic), "error_ci": wilson(wrong, semantic),
+            "hit_rate": semantic / len(questions)}  # fmt: skip
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"machine: {report['machine']}",
+             f"stream: {report['requests']} requests from {report['pairs']} held-out QQP pairs (seed "
+             f"{report['seed']}); delta {report['delta']:.1%}, shadow share {report['shadow']:.0%}"]  # fmt: skip
+    for run_ in report["runs"]:
+        lines.append(f"\n{run_['mode']}: semantic hits {run_['semantic_hits']} ({run_['hit_rate']:.1%} of requests), "
+                     f"wrong {run_['wrong']} = {run_['error_rate']:.2%} [{run_['error_ci'][0]:.2%}-"
+                     f"{run_['error_ci'][1]:.2%}], {run_['seconds']} s")  # fmt: skip
+        lines.append(f"{'upto':>6} {'semantic':>8} {'wrong':>5} {'error':>7} {'threshold':>9} {'labels':>6} "
+                     f"{'bound':>7} {'shadow':>6} {'upstream':>8}")  # fmt: skip
+        for w in run_["windows"]:
+            bound = f"{w['bound']:.3f}" if w["bound"] is not None else "-"
+            error = w["wrong"] / max(1, w["semantic"])
+            lines.append(f"{w['upto']:>6} {w['semantic']:>8} {w['wrong']:>5} {error:>7.1%} {w['threshold']:>9.4f} "
+                         f"{w['labels']:>6} {bound:>7} {w['shadow']['checks']:>6} "
+                         f"{w['upstream_answers']:>8}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for run_ in report["runs"]:
+        x = [w["upto"] for w in run_["windows"]]
+        top.plot(x, [w["wrong"] / max(1, w["semantic"]) for w in run_["windows"]], marker="o", label=run_["mode"])
+        bottom.plot(x, [w["threshold"] for w in run_["windows"]], marker="o", label=run_["mode"])
+    top.axhline(report["delta"], color="grey", linestyle="--", label="delta")
+    top.set_ylabel("error rate of semantic hits (window)")
+    bottom.set_ylabel("verifier threshold")
+    bottom.set_xlabel("requests")
+    top.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--window", type=int, default=250)
+    parser.add_argument("--delta", type=float, default=0.02)
+    parser.add_argument("--shadow", type=float, default=0.2, help="share of semantic hits shadow-checked")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pairs = [p for p in read_pairs(Path(args.data) / "qqp_pairs" / "pairs.json") if split_of(p, 0) == "validation"]
+    gold = clusters(pairs)
+    questions = stream(pairs, args.requests, args.seed)
+    say(f"{len(questions)} requests from {len(pairs)} held-out pairs")
+    report: dict[str, Any] = {"machine": machine(), "requests": len(questions), "pairs": len(pairs), "seed": args.seed,
+                              "delta": args.delta, "shadow": args.shadow, "runs": []}  # fmt: skip
+    for mode in ("fixed", "learning"):
+        say(f"run: {mode}")
+        report["runs"].append(run(mode, questions, gold, args))
+    path = write_report("learning", report, table(report))
+    plot(report, path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

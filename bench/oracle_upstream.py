@@ -1,0 +1,43 @@
+"""An OpenAI-compatible upstream that answers each question with its gold answer, for measuring exactly how often
+the cheap tiers serve a wrong one (bench/learning.py). Questions are the last user turn; the answers come from a
+JSON object {question: answer} named by ORACLE_ANSWERS. An unknown question is answered "unknown".
+
+  ORACLE_ANSWERS=answers.json python -m uvicorn bench.oracle_upstream:app --port 8091
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+app = FastAPI()
+ANSWERS: dict[str, str] = json.loads(Path(os.environ.get("ORACLE_ANSWERS", "/dev/null")).read_text() or "{}")
+CALLS = {"chat": 0}
+
+
+@app.post("/v1/chat/completions")
+async def chat(request: Request) -> dict[str, Any]:
+    body = await request.json()
+    question = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    CALLS["chat"] += 1
+    answer = ANSWERS.get(question, "unknown")
+    return {"id": f"oracle-{CALLS['chat']}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "oracle"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(question.split()), "completion_tokens": 2,
+                      "total_tokens": len(question.split()) + 2}}  # fmt: skip
+
+
+@app.get("/v1/models")
+async def models() -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": "oracle", "object": "model"}]}
+
+
+@app.get("/calls")
+async def calls() -> dict[str, int]:
+    return CALLS
