@@ -103,7 +103,12 @@ async def replay(proxy: str, questions: list[str], gold: dict[str, str], window:
             current["requests"] += 1
             if r.headers["x-cache"] == "HIT-SEMANTIC":
                 current["semantic"] += 1
-                current["wrong"] += r.json()["choices"][0]["message"]["content"] != gold[q]
+                served = r.json()["choices"][0]["message"]["content"]
+                if served != gold[q]:
+                    current["wrong"] += 1
+                    current.setdefault("wrong_hits", []).append(
+                        {"query": q, "served_for": served, "score": float(r.headers.get("x-cache-verifier-score", 0))}
+                    )
             elif r.headers["x-cache"] == "HIT-EXACT":
                 current["exact"] += 1
             if i % window == 0 or i == len(questions):
@@ -148,9 +153,15 @@ def run(mode: str, questions: list[str], gold: dict[str, str], args: argparse.Na
                 p.terminate()
                 p.wait(timeout=30)
     semantic, wrong = sum(r["semantic"] for r in rows), sum(r["wrong"] for r in rows)
+    asked_by: dict[str, str] = {}
+    for question, answer in gold.items():
+        asked_by.setdefault(answer, question)
+    wrong_hits = [w | {"served_for": asked_by.get(w["served_for"], w["served_for"])}
+                  for r in rows for w in r.pop("wrong_hits", [])]  # fmt: skip
     return {"mode": mode, "windows": rows, "seconds": round(seconds, 1), "semantic_hits": semantic, "wrong": wrong,
             "error_rate": wrong / max(1, semantic), "error_ci": wilson(wrong, semantic),
-            "hit_rate": semantic / len(questions)}  # fmt: skip
+            "hit_rate": semantic / len(questions), "wrong_at_score_1": sum(w["score"] >= 0.9999 for w in wrong_hits),
+            "wrong_hits": wrong_hits}  # fmt: skip
 
 
 def table(report: dict[str, Any]) -> str:
@@ -161,6 +172,13 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"\n{run_['mode']}: semantic hits {run_['semantic_hits']} ({run_['hit_rate']:.1%} of requests), "
                      f"wrong {run_['wrong']} = {run_['error_rate']:.2%} [{run_['error_ci'][0]:.2%}-"
                      f"{run_['error_ci'][1]:.2%}], {run_['seconds']} s")  # fmt: skip
+        lines.append(
+            f"wrong hits scored 1.0 (the same question in another form, served without the model): "
+            f"{run_['wrong_at_score_1']}; some wrong hits (query <- a question with the answer served):"
+        )
+        lines += [
+            f"  {w['score']:.3f}  {w['query'][:70]!r} <- {w['served_for'][:70]!r}" for w in run_["wrong_hits"][:6]
+        ]
         lines.append(f"{'upto':>6} {'semantic':>8} {'wrong':>5} {'error':>7} {'threshold':>9} {'labels':>6} "
                      f"{'bound':>7} {'shadow':>6} {'upstream':>8}")  # fmt: skip
         for w in run_["windows"]:
