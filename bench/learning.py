@@ -34,7 +34,7 @@ from bench.common import machine, say, write_report
 from bench.latency import start_proxy
 from cache.calibration import wilson
 from cache.verifier_data import read_pairs, split_of
-from local_models.processes import free_port
+from local_models.processes import free_port, stop, wait_until_up
 
 ADMIN = "bench-admin-token-0123456789"
 KEY = {"authorization": "Bearer sk-bench-learning"}
@@ -75,20 +75,6 @@ def stream(pairs: list[Any], requests: int, seed: int) -> list[str]:
             out.append(rng.choice(out))
     out += [q for _, q in pending]
     return out[:requests]
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url} exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready in {timeout_s} s")
 
 
 async def replay(proxy: str, questions: list[str], gold: dict[str, str], window: int) -> list[dict[str, Any]]:
@@ -143,15 +129,14 @@ def run(mode: str, questions: list[str], gold: dict[str, str], args: argparse.Na
                       "CACHECADE_CACHE_SHADOW_MAX_SHARE": repr(args.shadow)}  # fmt: skip
         proxy, url, log = start_proxy(workdir, f"http://127.0.0.1:{port}/v1", 0.95, extra)
         try:
-            wait_ready(f"http://127.0.0.1:{port}/v1/models", oracle, oracle_log)
-            wait_ready(f"{url}/readyz", proxy, log)
+            wait_until_up(f"http://127.0.0.1:{port}/v1/models", oracle, oracle_log, 60)
+            wait_until_up(f"{url}/readyz", proxy, log, 300)
             started = time.monotonic()
             rows = asyncio.run(replay(url, questions, gold, args.window))
             seconds = time.monotonic() - started
         finally:
-            for p in (proxy, oracle):
-                p.terminate()
-                p.wait(timeout=30)
+            for process in (proxy, oracle):
+                stop(process)
     semantic, wrong = sum(r["semantic"] for r in rows), sum(r["wrong"] for r in rows)
     asked_by: dict[str, str] = {}
     for question, answer in gold.items():
