@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,10 @@ def worker() -> Iterator[ChildProcessWorker]:
 async def kill_while_generating(w: ChildProcessWorker, sig: int = signal.SIGSEGV) -> BaseException:
     """Start a long answer, kill the child during it, and return what the caller got."""
     task = asyncio.create_task(w.generate(w.prompt("chat", {"messages": STORY}), [Sampling(max_tokens=400)]))
-    await asyncio.sleep(0.8)
+    deadline = time.monotonic() + 60  # after a crash the next child loads its model first (slow on a slow CPU)
+    while w.pid is None and not task.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.8)  # into the answer (400 tokens take seconds)
     assert w.pid is not None and not task.done()
     os.kill(w.pid, sig)
     with pytest.raises(Crashed) as info:
