@@ -24,7 +24,6 @@ sample (people report bad answers more than good ones), so it makes the rule str
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -81,13 +80,19 @@ def scope(tier: str, scale: str, namespace: str) -> str:
     return f"{tier}/{scale}/{namespace}"
 
 
+def upper_bounds(errors: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson upper bounds of error rates from `errors` wrong out of `n` (1.0 with no labels, or
+    all of them wrong)."""
+    errors, n = np.asarray(errors), np.asarray(n)
+    out = np.ones(len(n))
+    some = (n > 0) & (errors < n)
+    out[some] = beta.ppf(confidence, errors[some] + 1, n[some] - errors[some])
+    return out
+
+
 def upper_bound(errors: int, n: int, confidence: float) -> float:
-    """One-sided Clopper-Pearson upper bound of an error rate from `errors` wrong out of `n` (1.0 with none)."""
-    if n <= 0:
-        return 1.0
-    if errors >= n:
-        return 1.0
-    return float(beta.ppf(confidence, errors + 1, n - errors))
+    """upper_bounds for one count."""
+    return float(upper_bounds(np.array([errors]), np.array([n]), confidence)[0])
 
 
 @dataclass(frozen=True)
@@ -118,12 +123,6 @@ def decide(labels: list[Label], current: float, delta: float, *, floor: float, c
         first = np.searchsorted(scores, thresholds, side="left")
         return len(scores) - first, wrong_from[first]
 
-    def bounds(n: np.ndarray, k: np.ndarray) -> np.ndarray:
-        out = np.ones(len(n))
-        some = (n > 0) & (k < n)  # the rest: no labels, or all wrong (bound 1)
-        out[some] = beta.ppf(confidence, k[some] + 1, n[some] - k[some])
-        return out
-
     def decision(t: float, reason: Literal["kept", "tightened", "loosened"]) -> Decision:
         (n,), (k,) = at(np.array([t]))
         return Decision(t, current, int(n), int(k), upper_bound(int(k), int(n), confidence), reason)
@@ -135,34 +134,14 @@ def decide(labels: list[Label], current: float, delta: float, *, floor: float, c
         grid = grid[grid > current]
         n, k = at(grid)
         clean = grid[k == 0]
-        certified = grid[(n >= min_labels) & (bounds(n, k) <= delta)] if len(grid) else grid
+        certified = grid[(n >= min_labels) & (upper_bounds(k, n, confidence) <= delta)] if len(grid) else grid
         chosen = min(float(clean[0]) if len(clean) else ceiling, float(certified[0]) if len(certified) else ceiling)
         return decision(chosen, "tightened")
     # Loosening goes only as low as a labelled score: below the lowest label nothing is known.
     lower = np.unique(scores[(scores >= floor) & (scores < current)])
     if len(lower):
         n, k = at(lower)
-        ok = lower[(n >= min_labels) & (bounds(n, k) <= delta)]
+        ok = lower[(n >= min_labels) & (upper_bounds(k, n, confidence) <= delta)]
         if len(ok):
             return decision(float(ok[0]), "loosened")
     return decision(current, "kept")
-
-
-SHORT_ANSWER_WORDS = 12  # answers this short are compared as text; longer ones by the meaning of their words
-SAME_MEANING = 0.9  # cosine of two long answers' embeddings from which they say the same thing
-_NOT_WORD = re.compile(r"[^\w\s]")
-
-
-def normalised(text: str) -> str:
-    """An answer's words: lower case, punctuation dropped, spacing collapsed."""
-    return " ".join(_NOT_WORD.sub(" ", text.lower()).split())
-
-
-def short_answers_agree(cached: str, fresh: str) -> bool | None:
-    """The judge for short answers: the same words, or the shorter one's words inside the longer one ("Paris" and
-    "The capital of France is Paris."). None when both are long (the embedder decides)."""
-    a, b = normalised(cached), normalised(fresh)
-    if min(len(a.split()), len(b.split())) > SHORT_ANSWER_WORDS:
-        return None
-    shorter, longer = sorted((a, b), key=len)
-    return bool(shorter) and (shorter == longer or f" {shorter} " in f" {longer} ")

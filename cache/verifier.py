@@ -22,7 +22,7 @@ import numpy as np
 
 from cache.embedder import resolve_embedder_path
 from cache.errors import EmbedderError
-from cache.onnx_embedder import _atomic_file, _fuse
+from cache.onnx_embedder import _atomic_file, _fuse, quantize_fused
 from cache.verifier_model import ARTIFACT, WEIGHTS, VerifierMeta, build_network
 
 log = logging.getLogger("cachecade.verifier")
@@ -148,13 +148,8 @@ def quantize(fp32: Path, meta: VerifierMeta, target: Path) -> None:
     """The int8 form of an export (dynamic quantisation: int8 weights per channel, activations quantised per
     call), kept only when its logits stay near fp32's on the check pairs. reduce_range (7-bit weights) avoids the
     saturation of AVX2's u8*s8 multiply-add, which moved logits by up to 2 on machines without VNNI."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     with _atomic_file(target) as tmp:
-        # Shape inference cannot type the outputs of the fused (com.microsoft) nodes; they are all float.
-        quantize_dynamic(fp32, tmp, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fmt: skip
+        quantize_fused(fp32, tmp, reduce_range=True)
         got, expected = PairVerifier(tmp, meta, "int8").logits(_CHECK), PairVerifier(fp32, meta, "fp32").logits(_CHECK)
         if np.abs(got - expected).max() > INT8_MAX_DRIFT:
             raise EmbedderError(f"int8 quantisation of the verifier strays from fp32 ({got} vs {expected}); serve it "

@@ -38,17 +38,21 @@ import numpy as np
 from starlette.background import BackgroundTask
 
 from cache.errors import CacheError
-from cache.labels import SAME_MEANING, Decision, Label, Served, decide, normalised, scope, short_answers_agree
+from cache.labels import Decision, Label, Served, decide, scope
 from cache.policy import CachePolicy
 from cache.response_cache import ResponseCache
 from cache.store import vid_from_id
+from local_models.confidence import squad_normalise
 from proxy.context import RequestContext
 from proxy.errors import Conflict, NotFound
 from proxy.outcome import Outcome, Reply
+from proxy.spending import without_our_fields
 from proxy.upstream import Upstream
 
 log = logging.getLogger("cachecade.learning")
 KEEP_LABELS = 5000  # per scope, newest first: what the rule reads
+SHORT_ANSWER_WORDS = 12  # answers this short are compared as text; longer ones by the meaning of their words
+SAME_MEANING = 0.9  # cosine of two long answers' embeddings from which they say the same thing
 
 
 @dataclass
@@ -97,16 +101,16 @@ class Learner:
         return Served(ctx.request_id, ctx.key_id, outcome.namespace, outcome.model, tier, outcome.entry_id,
                       the_scope, score, time.time())  # fmt: skip
 
-    def remember(self, ctx: RequestContext, outcome: Outcome) -> None:
-        """Write what answered in the background (the response never waits for it)."""
+    def remember(self, ctx: RequestContext, outcome: Outcome) -> Served:
+        """What answered; written in the background (the response never waits for it)."""
         if outcome.served_by.startswith("upstream:"):
             self.stats.upstream_answers += 1
-        if self.served_ttl_s <= 0 or not ctx.request_id:
-            return
         record = self.served(ctx, outcome)
-        task = asyncio.get_running_loop().create_task(self._remember(record))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        if self.served_ttl_s > 0 and ctx.request_id:
+            task = asyncio.get_running_loop().create_task(self._remember(record))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        return record
 
     async def _remember(self, record: Served) -> None:
         try:
@@ -122,7 +126,7 @@ class Learner:
 
     # --- shadow checks -------------------------------------------------------------------------------------------
 
-    def shadow_task(self, ctx: RequestContext, kind: str, body: Mapping[str, Any], reply: Reply
+    def shadow_task(self, record: Served, ctx: RequestContext, kind: str, body: Mapping[str, Any], reply: Reply
                     ) -> BackgroundTask | None:  # fmt: skip
         """A check to run after the response is sent, for a sampled semantic hit or accepted local answer within
         the caps; None for the rest."""
@@ -142,7 +146,6 @@ class Learner:
             self.stats.shadow["capped"] += 1
             return None
         self.stats.shadow["checks"] += 1  # counted now: concurrent requests see the cap at once
-        record = self.served(ctx, outcome)
         return BackgroundTask(self._shadow, record, kind, dict(body), reply.body, dict(ctx.headers))
 
     async def _shadow(self, record: Served, kind: str, body: dict[str, Any], served: dict[str, Any] | None,
@@ -155,7 +158,7 @@ class Learner:
             cached = answer_text(served) if served is not None else None
             if cached is None or record.scope is None or record.score is None:
                 return
-            asked = {k: v for k, v in body.items() if k not in ("cache", "token_budget", "stream", "stream_options")}
+            asked = {k: v for k, v in without_our_fields(body).items() if k not in ("stream", "stream_options")}
             path = "chat/completions" if kind == "chat" else "completions"
             fresh = await self.upstream.post(path, asked, self.upstream.headers(headers))
             usage = fresh.get("usage") if isinstance(fresh.get("usage"), Mapping) else {}
@@ -173,16 +176,16 @@ class Learner:
         await self.reconsider(record.scope, record.namespace)
 
     async def judge(self, cached: str, fresh: str) -> bool:
-        """Whether two answers to one question agree (cache/labels.py: short as text, long by meaning)."""
+        """Whether two answers to one question agree (short_answers_agree: short as text, long by meaning)."""
         short = short_answers_agree(cached, fresh)
         if short is not None:
             return short
         embedder = self.cache.embedder
         if embedder is None:
-            return normalised(cached) == normalised(fresh)
+            return squad_normalise(cached) == squad_normalise(fresh)
         a, b = await embedder.embed(cached), await embedder.embed(fresh)
         if a is None or b is None:  # too long to embed: only the same text agrees
-            return normalised(cached) == normalised(fresh)
+            return squad_normalise(cached) == squad_normalise(fresh)
         return float(np.dot(a, b)) >= SAME_MEANING
 
     # --- feedback ------------------------------------------------------------------------------------------------
@@ -275,3 +278,14 @@ def answer_text(response: Mapping[str, Any]) -> str | None:
     message = choices[0].get("message")
     content = message.get("content") if isinstance(message, Mapping) else choices[0].get("text")
     return content if isinstance(content, str) else None
+
+
+def short_answers_agree(cached: str, fresh: str) -> bool | None:
+    """The judge for short answers (SQuAD-normalised: lower case, no punctuation or articles): the same words, or
+    the shorter one's words inside the longer one ("Paris" and "The capital of France is Paris."). None when both
+    are long (the embedder decides)."""
+    a, b = squad_normalise(cached), squad_normalise(fresh)
+    if min(len(a.split()), len(b.split())) > SHORT_ANSWER_WORDS:
+        return None
+    shorter, longer = sorted((a, b), key=len)
+    return bool(shorter) and (shorter == longer or f" {shorter} " in f" {longer} ")

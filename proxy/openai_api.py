@@ -93,9 +93,9 @@ async def _generate(request: Request, kind: Kind, model: type[ChatCompletionRequ
     parsed, body = await parse_body(request, model)
     ctx = context(request, svc)
     reply = await svc.pipeline.run(kind, parsed, body, ctx)
-    svc.learner.remember(ctx, reply.outcome)  # in the background: for POST /v1/feedback
+    record = svc.learner.remember(ctx, reply.outcome)  # written in the background: for POST /v1/feedback
     response = render(reply)
-    response.background = svc.learner.shadow_task(ctx, kind, body, reply)  # runs after the response is sent
+    response.background = svc.learner.shadow_task(record, ctx, kind, body, reply)  # after the response is sent
     return response
 
 

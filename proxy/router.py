@@ -19,17 +19,26 @@ gate's verdicts only (not yet from feedback or shadow labels, nor from `cachecad
 from __future__ import annotations
 
 import random
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 
-@dataclass
 class _Memory:
-    vectors: deque[np.ndarray]
-    passed: deque[bool]
-    threshold: float | None = None  # the gate threshold these verdicts were made under
+    """A tier's newest `capacity` tried queries (a ring buffer, searched in place) and their gate verdicts."""
+
+    def __init__(self, capacity: int, threshold: float) -> None:
+        self.capacity, self.threshold = capacity, threshold  # the gate threshold these verdicts were made under
+        self.vectors: np.ndarray | None = None  # allocated at the first verdict, when the dimension is known
+        self.passed = np.zeros(capacity, dtype=bool)
+        self.count = self.next = 0
+
+    def add(self, vector: np.ndarray, passed: bool) -> None:
+        if self.vectors is None:
+            self.vectors = np.zeros((self.capacity, len(vector)), dtype=np.float32)
+        self.vectors[self.next], self.passed[self.next] = vector, passed
+        self.next = (self.next + 1) % self.capacity
+        self.count = min(self.count + 1, self.capacity)
 
 
 @dataclass
@@ -53,23 +62,21 @@ class Router:
     def _memory(self, tier: str, threshold: float) -> _Memory:
         memory = self.tiers.get(tier)
         if memory is None or memory.threshold != threshold:  # another gate: the old verdicts say nothing
-            memory = self.tiers[tier] = _Memory(deque(maxlen=self.memory), deque(maxlen=self.memory), threshold)
+            memory = self.tiers[tier] = _Memory(self.memory, threshold)
         return memory
 
     def record(self, tier: str, threshold: float, vector: np.ndarray, passed: bool) -> None:
         """The gate's verdict on the tier's answer to this query."""
-        memory = self._memory(tier, threshold)
-        memory.vectors.append(np.asarray(vector, dtype=np.float32))
-        memory.passed.append(passed)
+        self._memory(tier, threshold).add(np.asarray(vector, dtype=np.float32), passed)
 
     def neighbours(self, tier: str, threshold: float, vector: np.ndarray) -> list[bool]:
         """The verdicts on the tier's nearest tried queries at cosine >= min_similarity (at most k)."""
         memory = self._memory(tier, threshold)
-        if not memory.vectors:
+        if memory.vectors is None:
             return []
-        similarity = np.stack(memory.vectors) @ np.asarray(vector, dtype=np.float32)
+        similarity = memory.vectors[: memory.count] @ np.asarray(vector, dtype=np.float32)
         nearest = np.argsort(-similarity)[: self.k]
-        return [memory.passed[i] for i in nearest if similarity[i] >= self.min_similarity]
+        return [bool(memory.passed[i]) for i in nearest if similarity[i] >= self.min_similarity]
 
     def skip(self, tier: str, threshold: float, vector: np.ndarray | None) -> bool:
         """True when the tier should be skipped for this query (its neighbours' answers failed the gate)."""

@@ -56,6 +56,11 @@ class TokenStats:
         return asdict(self)
 
 
+def without_our_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A request body as a model sees it: cachecade's own fields (`cache`, `token_budget`) removed."""
+    return {k: v for k, v in body.items() if k not in ("cache", "token_budget")}
+
+
 def upstream_usage(payload: Mapping[str, Any], counter: TokenCounter, prompt_estimate: int) -> tuple[int, int, bool]:
     """(prompt, completion, reported) of an upstream answer: its `usage`, else our count of its text."""
     usage = payload.get("usage")
@@ -121,7 +126,7 @@ class SpendPlanner:
 
     def apply(self, kind: Kind, body: Mapping[str, Any], spend: Spend) -> dict[str, Any]:
         """The body a model sees: our fields removed, the cap set when it is below the client's, the hint."""
-        out = {k: v for k, v in body.items() if k not in ("cache", "token_budget")}
+        out = without_our_fields(body)
         if spend.cap is not None:
             field = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in out else "max_tokens"
             out[field] = spend.cap

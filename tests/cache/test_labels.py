@@ -52,7 +52,7 @@ def test_an_error_with_enough_labels_tightens_only_as_far_as_certified() -> None
 
 
 def test_short_answers_are_judged_as_text_long_ones_are_left_to_the_embedder() -> None:
-    from cache.labels import short_answers_agree
+    from proxy.learning import short_answers_agree
 
     assert short_answers_agree("Paris.", "paris") is True
     assert short_answers_agree("Paris", "The capital of France is Paris.") is True  # the shorter inside

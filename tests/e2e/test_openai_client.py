@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from cache.labels import SAME_MEANING, short_answers_agree
+from proxy.learning import SAME_MEANING, short_answers_agree
 from tests.e2e.conftest import Proxy, stop
 
 pytestmark = pytest.mark.e2e
