@@ -9,7 +9,7 @@ stay under the target delta, and what does holding it cost in hits?
   shadow checks compare gold answers, and the error of every semantic hit is known exactly.
 - **Runs**: the shipped default (verifier on, threshold fixed) against the same with `max_error = delta` and shadow
   checks on a share of hits. Per window: semantic hits, wrong ones, the served error rate, the threshold in force
-  and the rule's upper bound. The cascade part of the learning issue (router latency) is not measured here.
+  and the rule's upper bound. The cascade half of the learning issue is bench/learning_cascade.py.
 
   python -m bench.learning --data ../shared/data [--requests 3000] [--delta 0.02] [--shadow 0.2]
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,32 +113,39 @@ async def replay(proxy: str, questions: list[str], gold: dict[str, str], window:
     return rows
 
 
+@contextlib.contextmanager
+def oracle_and_proxy(workdir: Path, gold: dict[str, str], extra: dict[str, str]) -> Iterator[str]:
+    """The oracle upstream (answering `gold`) and a `cachecade serve` in front of it, both up; yields the proxy's
+    base URL and stops both on the way out."""
+    answers = workdir / "answers.json"
+    answers.write_text(json.dumps(gold))
+    port = free_port()
+    oracle_log = workdir / "oracle.log"
+    env = {**os.environ, "ORACLE_ANSWERS": str(answers)}
+    with oracle_log.open("w") as out:
+        oracle = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.oracle_upstream:app", "--port",
+                                   str(port), "--log-level", "warning"], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    proxy, url, log = start_proxy(workdir, f"http://127.0.0.1:{port}/v1", 0.95,
+                                  {"CACHECADE_ADMIN_TOKEN": ADMIN, **extra})  # fmt: skip
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/v1/models", oracle, oracle_log, 60)
+        wait_until_up(f"{url}/readyz", proxy, log, 300)
+        yield url
+    finally:
+        for process in (proxy, oracle):
+            stop(process)
+
+
 def run(mode: str, questions: list[str], gold: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as work:
-        workdir = Path(work)
-        answers = workdir / "answers.json"
-        answers.write_text(json.dumps(gold))
-        port = free_port()
-        oracle_log = workdir / "oracle.log"
-        env = {**os.environ, "ORACLE_ANSWERS": str(answers)}
-        with oracle_log.open("w") as out:
-            oracle = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.oracle_upstream:app", "--port",
-                                       str(port), "--log-level", "warning"], env=env, stdout=out,
-                                      stderr=subprocess.STDOUT)  # fmt: skip
-        extra = {"CACHECADE_ADMIN_TOKEN": ADMIN, "CACHECADE_CASCADE_ROUTES": "{}"}
-        if mode == "learning":
-            extra |= {"CACHECADE_CACHE_MAX_ERROR": repr(args.delta), "CACHECADE_CACHE_SHADOW_SHARE": repr(args.shadow),
-                      "CACHECADE_CACHE_SHADOW_MAX_SHARE": repr(args.shadow)}  # fmt: skip
-        proxy, url, log = start_proxy(workdir, f"http://127.0.0.1:{port}/v1", 0.95, extra)
-        try:
-            wait_until_up(f"http://127.0.0.1:{port}/v1/models", oracle, oracle_log, 60)
-            wait_until_up(f"{url}/readyz", proxy, log, 300)
-            started = time.monotonic()
-            rows = asyncio.run(replay(url, questions, gold, args.window))
-            seconds = time.monotonic() - started
-        finally:
-            for process in (proxy, oracle):
-                stop(process)
+    extra = {"CACHECADE_CASCADE_ROUTES": "{}", "CACHECADE_LEARN_SEED": str(args.seed)}
+    if mode == "learning":
+        extra |= {"CACHECADE_CACHE_MAX_ERROR": repr(args.delta), "CACHECADE_CACHE_SHADOW_SHARE": repr(args.shadow),
+                  "CACHECADE_CACHE_SHADOW_MAX_SHARE": repr(args.shadow)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as work, oracle_and_proxy(Path(work), gold, extra) as url:
+        started = time.monotonic()
+        rows = asyncio.run(replay(url, questions, gold, args.window))
+        seconds = time.monotonic() - started
     semantic, wrong = sum(r["semantic"] for r in rows), sum(r["wrong"] for r in rows)
     asked_by: dict[str, str] = {}
     for question, answer in gold.items():

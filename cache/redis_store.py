@@ -444,6 +444,24 @@ class RedisStore:
     async def label_scopes(self) -> list[str]:
         return sorted(raw.decode() for raw in await self._run(self.client.smembers(self._scopes)))
 
+    # --- the cascade router's memory (proxy/router.py) ----------------------------------------------------------
+
+    @property
+    def _route_log(self) -> str:
+        return f"{self.prefix}route-samples"
+
+    async def add_route_samples(self, samples: list[str], keep: int) -> None:
+        """Append samples to the router's log (a stream, trimmed to about the newest `keep`)."""
+        pipe = self.client.pipeline(transaction=False)
+        for sample in samples:
+            pipe.xadd(self._route_log, {"s": sample}, maxlen=keep, approximate=True)
+        await self._run(pipe.execute())
+
+    async def route_samples(self, after: str, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` (cursor, sample) after the cursor `after` ("" from the oldest kept), oldest first."""
+        rows = await self._run(self.client.xrange(self._route_log, f"({after}" if after else "-", "+", count=limit))
+        return [(i.decode() if isinstance(i, bytes) else i, fields[b"s"].decode()) for i, fields in rows]
+
     # --- single-flight locks -------------------------------------------------------------------------------------
 
     def _lock(self, exact_key: str) -> str:

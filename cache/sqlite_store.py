@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS labels (
     label TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS labels_scope ON labels (scope, id);
+CREATE TABLE IF NOT EXISTS route_samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample TEXT NOT NULL
+);
 """
 _COLUMNS = (
     "vid, tenant, namespace, kind, model, partition, exact_key, response, tier, created_at, expires_at, "
@@ -209,6 +213,26 @@ class SQLiteStore:
     async def label_scopes(self) -> list[str]:
         rows = await self._run(lambda: self.db.execute("SELECT DISTINCT scope FROM labels ORDER BY scope").fetchall())
         return [r[0] for r in rows]
+
+    # --- the cascade router's memory (proxy/router.py) ----------------------------------------------------------
+
+    async def add_route_samples(self, samples: list[str], keep: int) -> None:
+        """Append samples to the router's log, keeping the newest `keep`."""
+
+        def write() -> None:
+            with self.db:
+                cursor = self.db.executemany("INSERT INTO route_samples (sample) VALUES (?)", [(s,) for s in samples])
+                last = self.db.execute("SELECT MAX(id) FROM route_samples").fetchone()[0]
+                if cursor.rowcount and last is not None:
+                    self.db.execute("DELETE FROM route_samples WHERE id <= ?", (last - keep,))
+
+        await self._run(write)
+
+    async def route_samples(self, after: str, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` (cursor, sample) after the cursor `after` ("" from the oldest kept), oldest first."""
+        query = "SELECT id, sample FROM route_samples WHERE id > ? ORDER BY id LIMIT ?"
+        rows = await self._run(lambda: self.db.execute(query, (int(after or 0), limit)).fetchall())
+        return [(str(i), sample) for i, sample in rows]
 
     async def put(self, entry: Entry, max_entries: int | None) -> PutResult:
         return await self._run(self._put, entry, max_entries)

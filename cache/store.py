@@ -159,3 +159,13 @@ class EntryStore(Protocol):
         ...
 
     async def label_scopes(self) -> list[str]: ...
+
+    # The cascade router's shared memory (proxy/router.py): an append-only log of samples, read from a cursor.
+
+    async def add_route_samples(self, samples: list[str], keep: int) -> None:
+        """Append samples to the log, keeping about the newest `keep`."""
+        ...
+
+    async def route_samples(self, after: str, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` (cursor, sample) after the cursor `after` ("" from the oldest kept), oldest first."""
+        ...

@@ -54,6 +54,8 @@ class CascadePolicy(BaseModel):
 
     routes: dict[str, list[str]] = Field(default_factory=lambda: {DEFAULT_ROUTE: ["smollm2", "gemma3", UPSTREAM]})
     thresholds: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    # Per cache namespace, per tier: what learning from traffic set (proxy/learning.py); over `thresholds`.
+    namespace_thresholds: dict[str, dict[str, float]] = Field(default_factory=dict)
     min_token_prob: dict[str, float] = Field(default_factory=dict)
     samples: dict[str, int] = Field(default_factory=dict)
     upstream_model: str | None = None
@@ -67,6 +69,11 @@ class CascadePolicy(BaseModel):
             for key, value in values.items():
                 if not 0.0 <= value <= 1.0:
                     raise ValueError(f"{name}[{key!r}] = {value}: a confidence is in [0, 1]")
+        for namespace, values in self.namespace_thresholds.items():
+            for key, value in values.items():
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(f"namespace_thresholds[{namespace!r}][{key!r}] = {value}: a confidence is in "
+                                     "[0, 1]")  # fmt: skip
         for key, k in self.samples.items():
             if not 1 <= k <= 16:
                 raise ValueError(f"samples[{key!r}] = {k}: self-consistency takes 1 to 16 samples")
@@ -76,6 +83,11 @@ class CascadePolicy(BaseModel):
             if any(not t or (t.startswith(UPSTREAM) and t != UPSTREAM and not t.startswith(UPSTREAM + ":"))
                    for t in tiers):  # fmt: skip
                 raise ValueError(f"routes[{alias!r}]: tiers are local model names, 'upstream' or 'upstream:<model>'")
+
+    def threshold_for(self, tier: str, namespace: str = "") -> float:
+        """A tier's gate threshold in a cache namespace: learnt there, else configured, else 1.0 (never accepts)."""
+        learnt = self.namespace_thresholds.get(namespace, {}).get(tier)
+        return learnt if learnt is not None else self.thresholds.get(tier, 1.0)
 
     def local_names(self) -> set[str]:
         """Every local model some route names."""

@@ -135,9 +135,7 @@ async def stats(svc: Admin) -> dict[str, Any]:
             **svc.cascade.stats.as_dict(),
             "local_models": svc.cascade.serving,
             "local_models_off": svc.cascade.off,
-            "router": {"skipped": svc.cascade.router.stats.skipped, "explored": svc.cascade.router.stats.explored}
-            if svc.cascade.router is not None
-            else None,
+            "router": svc.cascade.router.summary() if svc.cascade.router is not None else None,
         },
         "tokens": {**svc.spending.stats.as_dict(), "saved_by_cache": svc.cache.stats.tokens_saved},
         "learning": {
@@ -145,6 +143,7 @@ async def stats(svc: Admin) -> dict[str, Any]:
             "entries_deleted": svc.learner.stats.entries_deleted,
             "threshold_changes": svc.learner.stats.changes,
             "shadow": svc.learner.stats.shadow,
+            "escalations": svc.learner.stats.escalations,
             "thresholds": {scope: d.threshold for scope, d in svc.learner.decisions.items()},
         },
         "entries": await svc.cache.store.count(),

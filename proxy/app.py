@@ -143,7 +143,7 @@ async def _start(
             settings.embedder_threads,
         )  # fmt: skip
     async_embedder = AsyncEmbedder(model)
-    store, counters = await _open_stores(settings)
+    store, counters = await open_stores(settings)
     verifier = await _load_verifier(settings, verifier_seam)
     cache = ResponseCache(store, VectorIndex(model.dim, settings.ivf_threshold, settings.ivf_nprobe), async_embedder,
                           settings.cache_policy(verifier.meta if verifier else None), verifier=verifier)  # fmt: skip
@@ -168,13 +168,16 @@ async def _start(
         log.warning("no upstream configured (CACHECADE_UPSTREAM_BASE_URL): misses are answered by local models")
     workers, off = await _load_engines(settings, engines)
     cascade = Cascade(workers, settings.cascade_policy(), off)
-    cascade.router = Router(explore=settings.cascade_router_explore) if settings.cascade_router else None
+    cascade.router = Router(explore=settings.cascade_router_explore, min_tries=settings.cascade_router_min_tries,
+                            seed=settings.learn_seed,
+                            store=cache.store) if settings.cascade_router else None  # fmt: skip
     if settings.admin_token is None:
         log.info("admin API disabled: set CACHECADE_ADMIN_TOKEN to enable /admin")
     budgets = Budgets(counters, settings.budget_policy(), cache.clock)
     spending = SpendPlanner(budgets, await asyncio.to_thread(TokenCounter), cache)
     pipeline = CompletionPipeline(cache, upstream, cascade, spending)
-    learner = Learner(cache, settings.learn_served_ttl_s, lambda policy: services.publish("cache", policy), upstream)
+    learner = Learner(cache, settings.learn_served_ttl_s, lambda name, policy: services.publish(name, policy), upstream,
+                      seed=settings.learn_seed, cascade=cascade)  # fmt: skip
     services = Services(settings, async_embedder, cache, upstream, pipeline, cascade, spending, learner, follower)
     if follower is not None:
         follower.on_policy = lambda name, fields: apply_policy(services, name, fields)
@@ -196,7 +199,7 @@ async def _load_verifier(settings: Settings, given: PairVerifier | None) -> Asyn
     return AsyncVerifier(verifier)
 
 
-async def _open_stores(settings: Settings) -> tuple[EntryStore, CounterStore]:
+async def open_stores(settings: Settings) -> tuple[EntryStore, CounterStore]:
     """Redis (shared by every replica) when CACHECADE_REDIS_URL is set, else SQLite files in the data dir."""
     if settings.redis_url:
         shared = RedisStore.from_url(settings.redis_url, cluster=settings.redis_cluster, prefix=settings.redis_prefix,

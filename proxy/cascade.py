@@ -70,6 +70,7 @@ class CascadeResult:
     tried: list[str] = field(default_factory=list)  # "smollm2:low-confidence", ...
     upstream: Tier | None = None  # the next tier when no local answer is served
     error: LocalModelError | None = None  # the last local failure, when nothing answered
+    rejected: list[LocalAnswer] = field(default_factory=list)  # answers the gate found not confident enough
     local_seconds: float = 0.0  # time the local models spent generating (the rest of a run is overhead)
     local_tokens: int = 0  # tokens the local models spent (every sample of every tier tried)
 
@@ -158,9 +159,11 @@ class Cascade:
                          for i in range(1, plan.samples)]  # fmt: skip
 
     async def run(self, kind: Kind, body: Mapping[str, Any], route: list[Tier], limit: int | None,
-                  budget: Budget | None = None, vector: np.ndarray | None = None) -> CascadeResult:  # fmt: skip
+                  budget: Budget | None = None, vector: np.ndarray | None = None, namespace: str = "",
+                  request_id: str = "") -> CascadeResult:  # fmt: skip
         """Try each local tier in order until one is accepted; the last local tier is forced to answer when no
-        upstream follows it. With the query's embedding, the router may skip a tier (never the last)."""
+        upstream follows it. With the query's embedding, the router may skip a tier (never the last). Gate
+        thresholds are the namespace's (learnt from traffic there, else configured)."""
         result = CascadeResult()
         for position, tier in enumerate(route):
             if not tier.local:
@@ -168,12 +171,12 @@ class Cascade:
                 self.stats.upstream += 1
                 return result
             last = position == len(route) - 1
-            threshold = self.policy.thresholds.get(tier.name, 1.0)
+            threshold = self.policy.threshold_for(tier.name, namespace)
             if self.router is not None and not last and self.router.skip(tier.name, threshold, vector):
                 self._escalate(tier.name, "skipped-by-router", result)
                 continue
-            answer = await self._try(tier.name, kind, body, self.samplings(tier.name, body, limit, budget), last,
-                                     result, vector)  # fmt: skip
+            samplings = self.samplings(tier.name, body, limit, budget)
+            answer = await self._try(tier.name, kind, body, samplings, last, result, threshold, (vector, request_id))
             if answer is not None:
                 result.answer = answer
                 self.stats.served[tier.name] += 1
@@ -181,7 +184,10 @@ class Cascade:
         return result
 
     async def _try(self, name: str, kind: Kind, body: Mapping[str, Any], samplings: list[Sampling], last: bool,
-                   result: CascadeResult, vector: np.ndarray | None = None) -> LocalAnswer | None:  # fmt: skip
+                   result: CascadeResult, threshold: float, query: tuple[np.ndarray | None, str] = (None, "")
+                   ) -> LocalAnswer | None:  # fmt: skip
+        """One tier's answer, judged by its gate at `threshold`; `query` (its embedding, the request id) teaches
+        the router."""
         worker = self.workers.get(name)
         try:
             if worker is None or worker.off_reason is not None:
@@ -199,10 +205,13 @@ class Cascade:
             result.error = exc
             return None
         answer = self._assess(name, generations, len(samplings))
-        threshold = self.policy.thresholds.get(name, 1.0)
         verdict = judge(answer.generation, answer.confidence, threshold, self.policy.min_token_prob.get(name, 0.0))
-        if self.router is not None and vector is not None:  # every gate verdict teaches the router
-            self.router.record(name, threshold, vector, verdict.accepted)
+        complete = verdict.accepted or verdict.reason == "low-confidence"  # else cut off or degenerate
+        vector, request_id = query
+        if self.router is not None and vector is not None:  # every answer teaches the router
+            self.router.record(name, vector, answer.confidence.score, complete, request_id)
+        if verdict.reason == "low-confidence":  # the upstream's answer will say whether it was right after all
+            result.rejected.append(LocalAnswer(answer.tier, answer.generation, answer.confidence, False))
         if verdict.accepted:
             return answer
         if last:  # nothing to escalate to: the last local tier answers, marked as not gated (and never cached)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 DESCRIPTION = """\
 Run each local tier (greedy, one short system prompt) on labelled questions: NQ-open (.jsonl with question and
@@ -14,7 +16,9 @@ Thresholds are chosen in route order: the first tier's on every question, the ne
 first escalated, and so on; each is the lowest confidence score at which the answers the gate accepts are right
 at least --target-precision of the time (with at least --min-accepted of them). Prints per tier the threshold,
 the accepted share, the accepted accuracy (95% Wilson interval) and the escalation rate, then the setting to
-apply: CACHECADE_CASCADE_THRESHOLDS='{...}'.
+apply: CACHECADE_CASCADE_THRESHOLDS='{...}'. With --router, every graded answer (the question's embedding, the
+gate's score, whether it was right) is also written to the router's memory in the entry store `cachecade serve`
+uses (CACHECADE_REDIS_URL, else CACHECADE_DATA_DIR), so the router starts from what this run learnt.
 """
 
 
@@ -60,6 +64,8 @@ def _run(args: argparse.Namespace) -> int:
         del engine  # one model in memory at a time
     report = calibrate(items, records, args.target_precision, args.min_accepted)
     print(render_table(report))
+    if args.router:
+        print(f"router: {asyncio.run(_seed_router(items, records))} graded answers written to its memory")
     if args.json:
         report["records"] = {n: [r.as_dict() | {"question": i.question, "dataset": i.dataset}
                                  for r, i in zip(rs, items, strict=True)] for n, rs in records.items()}  # fmt: skip
@@ -67,6 +73,32 @@ def _run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+async def _seed_router(items: list[Any], records: dict[str, list[Any]]) -> int:
+    """Write every graded answer to the router's shared memory in the store the proxy is configured with."""
+    from cache.embedder import load_embedder
+    from proxy.app import open_stores
+    from proxy.config import Settings
+    from proxy.router import Router
+
+    settings = Settings()
+    embedder = load_embedder(settings.embedder, settings.embedder_backend, settings.model_cache_dir,
+                             settings.embedder_threads)  # fmt: skip
+    vectors = embedder.encode([item.question for item in items])  # what the cache embeds: the last user message
+    store, counters = await open_stores(settings)
+    try:
+        router = Router(store=store)
+        for name, answers in records.items():
+            router.seed(name, vectors, [r.score for r in answers], [r.passes(0.0) for r in answers],
+                        [r.correct for r in answers])  # fmt: skip
+        await router.sync()
+        if router.stats.synced["errors"]:
+            raise RuntimeError("the entry store refused the router's samples (see the log)")
+        return router.stats.synced["written"]
+    finally:
+        await store.close()
+        await counters.close()
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,5 +118,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cmd.add_argument("--system", default=SYSTEM_PROMPT, help=f"system prompt (default: {SYSTEM_PROMPT!r})")
     cmd.add_argument("--model-cache", default=str(Path.home() / ".cache" / "cachecade"),
                      help="where Gemma's joined GGUF is kept")  # fmt: skip
+    cmd.add_argument("--router", action="store_true", help="also write the graded answers to the router's memory "
+                     "in the proxy's entry store (Redis or the data dir, from the CACHECADE_ settings)")  # fmt: skip
     cmd.add_argument("--json", help="also write the report (with every graded answer) as JSON to this path")
     cmd.set_defaults(run=_run)

@@ -113,15 +113,19 @@ class Settings(BaseSettings):
     )
     cache_max_error: float | None = Field(
         None, gt=0.0, lt=1.0,
-        description="the error rate semantic hits must stay under: thresholds move with the labels from "
-        "POST /v1/feedback to hold it (unset: they do not move)",
+        description="the error rate semantic hits and accepted local answers must stay under: thresholds and "
+        "local gates move with the labels from traffic to hold it (unset: they do not move)",
     )  # fmt: skip
     cache_namespace_max_error: dict[str, float] = Field(
         default_factory=dict, description="the same per namespace (JSON object)"
     )
     learn_min_labels: int = Field(30, ge=1, description="labels that must back a threshold before it loosens")
-    cascade_router: bool = Field(True, description="skip a local tier when the gate rejected its answers to the "
-                                 "nearest earlier queries (proxy/router.py)")  # fmt: skip
+    cascade_router: bool = Field(True, description="skip a local tier when its answers to the nearest earlier "
+                                 "queries did not pass (proxy/router.py)")  # fmt: skip
+    cascade_router_min_tries: int = Field(30, ge=1, description="answers a tier must have given before the router "
+                                          "may skip it")  # fmt: skip
+    learn_seed: int | None = Field(None, description="seed of the shadow-check sampling and the router's "
+                                   "exploration (unset: random), for reproducible runs")  # fmt: skip
     cascade_router_explore: float = Field(0.05, ge=0.0, le=1.0, description="share of the router's skips tried "
                                           "anyway, to learn when a tier starts to pass")  # fmt: skip
     cache_shadow_share: float = Field(

@@ -20,8 +20,12 @@ rule and its guarantee).
   embeddings (>= 0.9). The verdict is a label like feedback's, and a label that goes against the stored answer
   does not delete it (only a client says an answer is wrong for them).
 
-Partial (what the learning issue asks that is not here yet): labels from escalations, local-tier thresholds (local
-answers are labelled, but their gates do not move) and the pre-generation router.
+- **Escalations**: when a local gate rejected an answer as not confident enough and the upstream answered, the
+  two answers are compared by the same judge (every such answer, after the response): a label for that tier's
+  gate, at the rejected answer's score. Every label on a local answer also tells the router (proxy/router.py)
+  whether that answer was right.
+- **Local gates** move like semantic thresholds, per namespace, within the same error target
+  (`CascadePolicy.namespace_thresholds`, shared like an admin change).
 """
 
 from __future__ import annotations
@@ -32,20 +36,22 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-from starlette.background import BackgroundTask
+from starlette.background import BackgroundTask, BackgroundTasks
 
 from cache.errors import CacheError
 from cache.labels import Decision, Label, Served, decide, scope
 from cache.policy import CachePolicy
 from cache.response_cache import ResponseCache
 from cache.store import vid_from_id
+from local_models.cascade import CascadePolicy
 from local_models.confidence import squad_normalise
 from proxy.context import RequestContext
 from proxy.errors import Conflict, NotFound
 from proxy.outcome import Outcome, Reply
+from proxy.router import Router
 from proxy.spending import without_our_fields
 from proxy.upstream import Upstream
 
@@ -55,6 +61,13 @@ SHORT_ANSWER_WORDS = 12  # answers this short are compared as text; longer ones 
 SAME_MEANING = 0.9  # cosine of two long answers' embeddings from which they say the same thing
 
 
+class CascadeHolder(Protocol):
+    """What learning needs of the cascade (proxy.cascade.Cascade): its policy and its router."""
+
+    policy: CascadePolicy
+    router: Router | None
+
+
 @dataclass
 class LearningStats:
     labels: dict[str, int] = field(default_factory=lambda: {"good": 0, "bad": 0})
@@ -62,6 +75,8 @@ class LearningStats:
     changes: dict[str, int] = field(default_factory=lambda: {"tightened": 0, "loosened": 0})
     remember_errors: int = 0
     upstream_answers: int = 0  # requests the upstream answered (the base of shadow_max_share)
+    escalations: dict[str, int] = field(default_factory=lambda: {"compared": 0, "agreed": 0, "disagreed": 0,
+                                                                 "errors": 0})  # fmt: skip
     shadow: dict[str, int] = field(default_factory=lambda: {"checks": 0, "agreed": 0, "disagreed": 0, "capped": 0,
                                                             "errors": 0, "tokens": 0})  # fmt: skip
 
@@ -69,9 +84,12 @@ class LearningStats:
 class Learner:
     """Remembers what answered, takes feedback, and moves semantic thresholds to hold the operator's bound."""
 
-    def __init__(self, cache: ResponseCache, served_ttl_s: float, publish: Callable[[CachePolicy], Awaitable[None]],
-                 upstream: Upstream | None = None, seed: int | None = None) -> None:  # fmt: skip
+    def __init__(self, cache: ResponseCache, served_ttl_s: float,
+                 publish: Callable[[str, CachePolicy | CascadePolicy], Awaitable[None]],
+                 upstream: Upstream | None = None, seed: int | None = None,
+                 cascade: CascadeHolder | None = None) -> None:  # fmt: skip
         self.cache = cache
+        self.cascade = cascade  # whose gate thresholds local labels move, and whose router they teach
         self.served_ttl_s = served_ttl_s
         self.publish = publish
         self.upstream = upstream
@@ -124,6 +142,48 @@ class Learner:
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
+    # --- after the response: shadow checks and escalation comparisons ---------------------------------------------
+
+    def after(self, record: Served, ctx: RequestContext, kind: str, body: Mapping[str, Any], reply: Reply
+              ) -> BackgroundTasks | None:  # fmt: skip
+        """What to learn once the response has been sent: a shadow check (sampled, within the caps) and the
+        comparison of an escalated request's upstream answer with the local answers the gate rejected."""
+        tasks = [t for t in (self.shadow_task(record, ctx, kind, body, reply), self.escalation_task(record, reply))
+                 if t is not None]  # fmt: skip
+        return BackgroundTasks(tasks) if tasks else None
+
+    def escalation_task(self, record: Served, reply: Reply) -> BackgroundTask | None:
+        """For a request the upstream answered after a local gate rejected an answer as not confident enough:
+        compare the two (every such answer, not a sample). A streamed upstream answer is not compared (its text is
+        only known once the stream has ended)."""
+        outcome = reply.outcome
+        if not outcome.rejected or not outcome.served_by.startswith("upstream:") or reply.body is None:
+            return None
+        fresh = answer_text(reply.body)
+        return None if fresh is None else BackgroundTask(self._compare, record, list(outcome.rejected), fresh)
+
+    async def _compare(self, record: Served, rejected: list[tuple[str, float, str]], fresh: str) -> None:
+        for tier, score, text in rejected:
+            try:
+                good = await self.judge(text, fresh)
+                self.stats.escalations["compared"] += 1
+                self.stats.escalations["agreed" if good else "disagreed"] += 1
+                the_scope = scope(f"local:{tier}", "confidence", record.namespace)
+                await self.cache.store.add_label(Label(the_scope, score, good, "escalation", time.time(),
+                                                       record.request_id), KEEP_LABELS)  # fmt: skip
+                self._teach_router(the_scope, record.request_id, good)
+                await self.reconsider(the_scope, record.namespace)
+            except Exception as exc:  # a background comparison: counted and logged, never seen by a client
+                self.stats.escalations["errors"] += 1
+                log.warning("comparing the escalated answer of request %s failed: %s", record.request_id, exc)
+
+    def _teach_router(self, the_scope: str, request_id: str, good: bool) -> None:
+        """A label on a local tier's answer tells the router whether that answer was right."""
+        tier = the_scope.split("/", 1)[0]
+        router = self.cascade.router if self.cascade is not None else None
+        if router is not None and tier.startswith("local:"):
+            router.label(tier.removeprefix("local:"), request_id, good)
+
     # --- shadow checks -------------------------------------------------------------------------------------------
 
     def shadow_task(self, record: Served, ctx: RequestContext, kind: str, body: Mapping[str, Any], reply: Reply
@@ -173,6 +233,7 @@ class Learner:
         self.stats.shadow["agreed" if good else "disagreed"] += 1
         await self.cache.store.add_label(Label(record.scope, record.score, good, "shadow", time.time(),
                                                record.request_id), KEEP_LABELS)  # fmt: skip
+        self._teach_router(record.scope, record.request_id, good)
         await self.reconsider(record.scope, record.namespace)
 
     async def judge(self, cached: str, fresh: str) -> bool:
@@ -213,6 +274,7 @@ class Learner:
         if record.scope is not None and record.score is not None:
             await self.cache.store.add_label(Label(record.scope, record.score, good, "feedback", now, request_id),
                                              KEEP_LABELS)  # fmt: skip
+            self._teach_router(record.scope, request_id, good)
             decision = await self.reconsider(record.scope, record.namespace)
             if decision is not None:
                 out["threshold"] = decision.summary()
@@ -221,26 +283,43 @@ class Learner:
     # --- thresholds ----------------------------------------------------------------------------------------------
 
     async def reconsider(self, the_scope: str, namespace: str) -> Decision | None:
-        """Run the rule on a semantic scope's labels and apply its threshold (None: not a learning scope)."""
+        """Run the rule on a scope's labels and apply its threshold: a semantic threshold in the cache policy, a
+        local tier's gate in the cascade policy (None: no error target in this namespace, or not a learning
+        scope). A semantic threshold never loosens below the one configured at start; a local gate may, to a
+        certified score (every answer it rejected on an escalated request is compared: a census, not a sample)."""
         policy = self.cache.policy
         delta = policy.max_error_for(namespace)
         tier, scale = the_scope.split("/", 2)[:2]
-        if delta is None or tier != "semantic":
+        if delta is None:
             return None
-        field_name, current = _namespace_threshold(policy, scale, namespace)
-        floor = _namespace_threshold(self.floor, scale, namespace)[1]
+        if tier == "semantic":
+            field_name, current = _namespace_threshold(policy, scale, namespace)
+            floor = min(_namespace_threshold(self.floor, scale, namespace)[1], current)
+        elif tier.startswith("local:") and self.cascade is not None:
+            field_name, floor = tier.removeprefix("local:"), 0.0
+            current = self.cascade.policy.threshold_for(field_name, namespace)
+        else:
+            return None
         labels = await self.cache.store.labels(the_scope, KEEP_LABELS)
-        decision = decide(labels, current, delta, floor=min(floor, current), min_labels=policy.learn_min_labels,
+        decision = decide(labels, current, delta, floor=floor, min_labels=policy.learn_min_labels,
                           confidence=policy.learn_confidence)  # fmt: skip
         self.decisions[the_scope] = decision
-        if decision.threshold != current:
+        if decision.threshold == current:
+            return decision
+        self.stats.changes[decision.reason] += 1
+        log.warning("learning %s the %s threshold (%s) of namespace %r: %.4f -> %.4f (%d labels at it, %d wrong, "
+                    "error bound %.4f, target %.4f)", decision.reason, tier, scale, namespace, current,
+                    decision.threshold, decision.labels, decision.errors, decision.bound, delta)  # fmt: skip
+        if tier == "semantic":
             changed = {**getattr(policy, field_name), namespace: decision.threshold}
             self.cache.policy = policy.model_copy(update={field_name: changed})
-            self.stats.changes[decision.reason] += 1
-            log.warning("learning %s the %s threshold of namespace %r: %.4f -> %.4f (%d labels at it, %d wrong, "
-                        "error bound %.4f, target %.4f)", decision.reason, scale, namespace, current,
-                        decision.threshold, decision.labels, decision.errors, decision.bound, delta)  # fmt: skip
-            await self.publish(self.cache.policy)
+            await self.publish("cache", self.cache.policy)
+        elif self.cascade is not None:
+            cascade = self.cascade.policy
+            gates = {**cascade.namespace_thresholds.get(namespace, {}), field_name: decision.threshold}
+            learnt = {**cascade.namespace_thresholds, namespace: gates}
+            self.cascade.policy = cascade.model_copy(update={"namespace_thresholds": learnt})
+            await self.publish("cascade", self.cascade.policy)
         return decision
 
     async def report(self) -> dict[str, Any]:
@@ -258,7 +337,8 @@ class Learner:
                 "namespace_max_error": self.cache.policy.namespace_max_error, "scopes": scopes,
                 "stats": {"labels": self.stats.labels, "entries_deleted": self.stats.entries_deleted,
                           "changes": self.stats.changes, "remember_errors": self.stats.remember_errors,
-                          "upstream_answers": self.stats.upstream_answers, "shadow": self.stats.shadow}}  # fmt: skip
+                          "upstream_answers": self.stats.upstream_answers, "shadow": self.stats.shadow,
+                          "escalations": self.stats.escalations}}  # fmt: skip
 
 
 def _namespace_threshold(policy: CachePolicy, scale: str, namespace: str) -> tuple[str, float]:
@@ -281,11 +361,12 @@ def answer_text(response: Mapping[str, Any]) -> str | None:
 
 
 def short_answers_agree(cached: str, fresh: str) -> bool | None:
-    """The judge for short answers (SQuAD-normalised: lower case, no punctuation or articles): the same words, or
-    the shorter one's words inside the longer one ("Paris" and "The capital of France is Paris."). None when both
-    are long (the embedder decides)."""
+    """The judge for short answers (SQuAD-normalised: lower case, no punctuation or articles): the same words (in
+    any order: "The capital of France is Paris." and "Paris is the capital of France."), or the shorter one's words
+    inside the longer one ("Paris" and "The capital of France is Paris."). None when both are long (the embedder
+    decides). Same words in another order can say another thing ("A beat B"); short answers rarely do."""
     a, b = squad_normalise(cached), squad_normalise(fresh)
     if min(len(a.split()), len(b.split())) > SHORT_ANSWER_WORDS:
         return None
     shorter, longer = sorted((a, b), key=len)
-    return bool(shorter) and (shorter == longer or f" {shorter} " in f" {longer} ")
+    return bool(shorter) and (sorted(a.split()) == sorted(b.split()) or f" {shorter} " in f" {longer} ")

@@ -128,6 +128,9 @@ def _learning(svc: Services) -> Iterator[Metric]:
                     "sampled but over a cap, not asked)", ["result"],
                     [([r], s.shadow[r]) for r in ("agreed", "disagreed", "capped", "errors")])  # fmt: skip
     yield _counter("cachecade_shadow_tokens", "Upstream tokens spent on shadow checks", s.shadow["tokens"])
+    yield _labelled("cachecade_escalation_comparisons", "Local answers the gate rejected, compared with the "
+                    "upstream's answer to the same request, by result", ["result"],
+                    [([r], s.escalations[r]) for r in ("agreed", "disagreed", "errors")])  # fmt: skip
     yield _labelled("cachecade_threshold_changes", "Thresholds moved by the labels to hold max_error", ["direction"],
                     [([d], n) for d, n in s.changes.items()])  # fmt: skip
     learned = GaugeMetricFamily("cachecade_learned_threshold", "The threshold the labels chose, per scope "
@@ -154,6 +157,11 @@ def _cascade(svc: Services) -> Iterator[Metric]:
         yield _labelled("cachecade_router_decisions", "Local tiers the router skipped, or tried anyway to explore",
                         ["tier", "decision"], [([t, "skipped"], n) for t, n in list(router.stats.skipped.items())]
                         + [([t, "explored"], n) for t, n in list(router.stats.explored.items())])  # fmt: skip
+        memory = GaugeMetricFamily("cachecade_router_memory", "Local answers the router remembers, per tier",
+                                   labels=["tier"])  # fmt: skip
+        for name, tier in list(router.tiers.items()):
+            memory.add_metric([name], tier.count)
+        yield memory
     up = GaugeMetricFamily("cachecade_local_model_up", "1: the local model passed its start-up self-check and "
                            "serves; 0: it is off (see /readyz for why)", labels=["tier"])  # fmt: skip
     for name in sorted(svc.cascade.models):

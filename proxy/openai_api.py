@@ -95,7 +95,7 @@ async def _generate(request: Request, kind: Kind, model: type[ChatCompletionRequ
     reply = await svc.pipeline.run(kind, parsed, body, ctx)
     record = svc.learner.remember(ctx, reply.outcome)  # written in the background: for POST /v1/feedback
     response = render(reply)
-    response.background = svc.learner.shadow_task(record, ctx, kind, body, reply)  # after the response is sent
+    response.background = svc.learner.after(record, ctx, kind, body, reply)  # after the response is sent
     return response
 
 

@@ -30,6 +30,7 @@ class Outcome:
     escalated: list[str] = field(default_factory=list)  # local tiers tried and why they passed it on
     confidence: float | None = None  # gate score of the local answer served
     gate: str | None = None  # pass | last-tier (no upstream to escalate to, so not gated)
+    rejected: list[tuple[str, float, str]] = field(default_factory=list)  # (tier, score, text) the gate rejected
     budget: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, x-token-estimate, x-token-cap
     coalesced: bool = False  # waited for an identical request in flight and was served its answer
     verifier: str | None = None  # accept | reject | skipped: what the cache verifier decided

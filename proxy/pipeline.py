@@ -214,10 +214,11 @@ class CompletionPipeline:
         if route is None:
             return await self._from_upstream(miss, None, body, spend)
         work = self.cascade.run(miss.kind, body, route, spend.cap, Budget(spend.budget, spend.estimate.tokens),
-                                miss.admission.vector)  # fmt: skip
+                                miss.admission.vector, miss.key.namespace, miss.ctx.request_id)  # fmt: skip
         result = await cancel_on_disconnect(work, miss.ctx.disconnected)
         self.spending.stats.local_spent += result.local_tokens
         miss.outcome.escalated = result.tried
+        miss.outcome.rejected = [(a.tier, a.confidence.score, a.generation.text.strip()) for a in result.rejected]
         if result.answer is not None:
             return await self._from_local(miss, result.answer, spend)
         if result.upstream is None:

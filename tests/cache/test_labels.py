@@ -57,6 +57,8 @@ def test_short_answers_are_judged_as_text_long_ones_are_left_to_the_embedder() -
     assert short_answers_agree("Paris.", "paris") is True
     assert short_answers_agree("Paris", "The capital of France is Paris.") is True  # the shorter inside
     assert short_answers_agree("Paris", "Rome") is False
+    assert short_answers_agree("The capital of France is Paris.", "Paris is the capital of France.") is True
+    assert short_answers_agree("The capital of Spain is Madrid.", "Paris is the capital of France.") is False
     assert short_answers_agree("8", "A spider has 8 legs.") is True
     assert short_answers_agree("8", "A spider has 18 legs.") is False  # whole words, not digits inside numbers
     assert short_answers_agree("", "Paris") is False

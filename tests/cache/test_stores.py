@@ -15,6 +15,7 @@ import pytest
 from cache.errors import StoreError
 from cache.sqlite_store import SQLiteStore
 from cache.store import Entry, EntryStore
+from proxy.router import Router
 
 T0 = time.time()
 HOUR = 3600.0
@@ -209,3 +210,42 @@ async def test_served_records_and_labels(store: EntryStore) -> None:
     assert got[0] == Label("s1", 0.9 + 4 / 100, True, "feedback", T0 + 4, "r4")
     assert [label.request_id for label in await store.labels("s1", 2)] == ["r4", "r3"]
     assert await store.label_scopes() == ["s1", "s2"]
+
+
+async def test_route_samples_log(store: EntryStore) -> None:
+    """The router's log: appended, read from a cursor (exclusive), oldest first, trimmed to about `keep`."""
+    assert await store.route_samples("", 10) == []
+    await store.add_route_samples([f"s{i}" for i in range(5)], keep=1000)
+    rows = await store.route_samples("", 3)
+    assert [s for _, s in rows] == ["s0", "s1", "s2"]
+    assert [s for _, s in await store.route_samples(rows[-1][0], 10)] == ["s3", "s4"]
+    await store.add_route_samples([f"t{i}" for i in range(300)], keep=100)
+    kept = await store.route_samples("", 1000)
+    assert 100 <= len(kept) <= 305 and kept[-1][1] == "t299"  # Redis trims approximately (whole nodes)
+
+
+def unit(*values: float) -> np.ndarray:
+    v = np.array(values, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+async def test_the_memory_is_shared_through_the_store(store: EntryStore) -> None:
+    """Two replicas on one store: what one learns (answers, then a label), the other reads back; a restarted
+    replica starts from the log; a replica never counts its own samples twice."""
+    a, b = Router(min_tries=3, explore=0.0, store=store), Router(min_tries=3, explore=0.0, store=store)
+    for i in range(3):
+        a.record("t", unit(1, 0, 0.01 * i), score=0.9, complete=True, request_id=f"r{i}")
+    await a.sync()
+    await b.sync()
+    assert b.tiers["t"].count == 3 and not b.skip("t", 0.7, unit(1, 0.1, 0))
+    for i in range(3):
+        a.label("t", f"r{i}", right=False)
+    await a.sync()
+    await b.sync()
+    assert b.skip("t", 0.7, unit(1, 0.1, 0))  # a's labels reached b
+    await a.sync()
+    assert a.tiers["t"].count == 3  # its own samples, read back, are not added again
+    restarted = Router(min_tries=3, explore=0.0, store=store)
+    await restarted.sync()
+    assert restarted.tiers["t"].count == 3 and restarted.skip("t", 0.7, unit(1, 0.1, 0))
+    assert restarted.summary()["tiers"]["t"] == {"remembered": 3, "labelled_right": 0, "labelled_wrong": 3}
