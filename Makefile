@@ -71,6 +71,7 @@ bench: install-dev
 	$(BIN)/python -m bench.cache_quality --data $(DATA)
 	$(BIN)/python -m bench.verifier --data $(DATA)
 	$(BIN)/python -m bench.learning --data $(DATA)
+	$(BIN)/python -m bench.learning_cascade --data $(DATA)
 	$(BIN)/python -m bench.latency --data $(DATA)
 	$(BIN)/python -m bench.local_tier
 	$(BIN)/python -m bench.llama_builds --threads 1 2

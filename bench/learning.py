@@ -4,14 +4,16 @@ stay under the target delta, and what does holding it cost in hits?
 - **Stream** (fixed seed): held-out QQP pairs (the validation split of train-verifier's seed, never trained on),
   each pair's first question asked, its second asked later (a duplicate should hit, a non-duplicate must not),
   plus 10 % exact repeats. Gold answers: the QQP duplicate pairs joined into clusters, one answer per cluster, so
-  a served answer is right exactly when it is the query's cluster's.
+  a served answer is right exactly when it is the query's cluster's. `--stream gptcache`: the same built from
+  GPTCache's 999 (origin, similar) paraphrases instead: cleaner gold (QQP leaves many duplicates unlabelled, which
+  the oracle then counts as wrong hits), never seen by the verifier's training.
 - **Upstream**: bench/oracle_upstream.py, a real HTTP server answering each question with its gold answer; so
   shadow checks compare gold answers, and the error of every semantic hit is known exactly.
 - **Runs**: the shipped default (verifier on, threshold fixed) against the same with `max_error = delta` and shadow
   checks on a share of hits. Per window: semantic hits, wrong ones, the served error rate, the threshold in force
   and the rule's upper bound. The cascade half of the learning issue is bench/learning_cascade.py.
 
-  python -m bench.learning --data ../shared/data [--requests 3000] [--delta 0.02] [--shadow 0.2]
+  python -m bench.learning --data ../shared/data [--requests 3000] [--delta 0.02] [--shadow 0.2] [--stream gptcache]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import httpx
 from bench.common import machine, say, write_report
 from bench.latency import start_proxy
 from cache.calibration import wilson
-from cache.verifier_data import read_pairs, split_of
+from cache.verifier_data import Pair, read_pairs, split_of
 from local_models.processes import free_port, stop, wait_until_up
 
 ADMIN = "bench-admin-token-0123456789"
@@ -160,7 +162,7 @@ def run(mode: str, questions: list[str], gold: dict[str, str], args: argparse.Na
 
 def table(report: dict[str, Any]) -> str:
     lines = [f"machine: {report['machine']}",
-             f"stream: {report['requests']} requests from {report['pairs']} held-out QQP pairs (seed "
+             f"stream: {report['requests']} requests from {report['pairs']} {report.get('stream', 'qqp')} pairs (seed "
              f"{report['seed']}); delta {report['delta']:.1%}, shadow share {report['shadow']:.0%}"]  # fmt: skip
     for run_ in report["runs"]:
         lines.append(f"\n{run_['mode']}: semantic hits {run_['semantic_hits']} ({run_['hit_rate']:.1%} of requests), "
@@ -212,17 +214,25 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=0.02)
     parser.add_argument("--shadow", type=float, default=0.2, help="share of semantic hits shadow-checked")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream", choices=("qqp", "gptcache"), default="qqp",
+                        help="qqp: held-out QQP pairs (noisy labels); gptcache: GPTCache's 999 paraphrase pairs "
+                        "(every pair the same, every two origins different; never trained on)")  # fmt: skip
     args = parser.parse_args()
-    pairs = [p for p in read_pairs(Path(args.data) / "qqp_pairs" / "pairs.json") if split_of(p, 0) == "validation"]
+    if args.stream == "gptcache":
+        rows = json.loads((Path(args.data) / "gptcache_mock" / "mock_data.json").read_text())
+        pairs = [Pair(str(r["origin"]), str(r["similar"]), 1) for r in rows]
+    else:
+        pairs = [p for p in read_pairs(Path(args.data) / "qqp_pairs" / "pairs.json") if split_of(p, 0) == "validation"]
     gold = clusters(pairs)
     questions = stream(pairs, args.requests, args.seed)
     say(f"{len(questions)} requests from {len(pairs)} held-out pairs")
     report: dict[str, Any] = {"machine": machine(), "requests": len(questions), "pairs": len(pairs), "seed": args.seed,
+                              "stream": args.stream,
                               "delta": args.delta, "shadow": args.shadow, "runs": []}  # fmt: skip
     for mode in ("fixed", "learning"):
         say(f"run: {mode}")
         report["runs"].append(run(mode, questions, gold, args))
-    path = write_report("learning", report, table(report))
+    path = write_report("learning" if args.stream == "qqp" else f"learning_{args.stream}", report, table(report))
     plot(report, path.with_suffix(".png"))
 
 

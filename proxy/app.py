@@ -169,6 +169,7 @@ async def _start(
     workers, off = await _load_engines(settings, engines)
     cascade = Cascade(workers, settings.cascade_policy(), off)
     cascade.router = Router(explore=settings.cascade_router_explore, min_tries=settings.cascade_router_min_tries,
+                            max_pass_rate=settings.cascade_router_max_pass_rate,
                             seed=settings.learn_seed,
                             store=cache.store) if settings.cascade_router else None  # fmt: skip
     if settings.admin_token is None:
@@ -239,6 +240,8 @@ def apply_policy(services: Services, name: str, fields: dict[str, Any]) -> None:
 
 async def _stop(services: Services) -> None:
     await services.learner.drain()  # records for feedback still being written
+    if services.cascade.router is not None:
+        await services.cascade.router.sync()  # the router's last answers and labels (it logs a store that is down)
     try:
         await services.cache.flush_uses()
     except CacheError as exc:  # a store that is down at shutdown loses the last LRU touches, nothing more

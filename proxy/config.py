@@ -124,6 +124,8 @@ class Settings(BaseSettings):
                                  "queries did not pass (proxy/router.py)")  # fmt: skip
     cascade_router_min_tries: int = Field(30, ge=1, description="answers a tier must have given before the router "
                                           "may skip it")  # fmt: skip
+    cascade_router_max_pass_rate: float = Field(0.1, ge=0.0, le=1.0, description="skip a tier when the router's "
+                                                "estimate that its answer passes is under this")  # fmt: skip
     learn_seed: int | None = Field(None, description="seed of the shadow-check sampling and the router's "
                                    "exploration (unset: random), for reproducible runs")  # fmt: skip
     cascade_router_explore: float = Field(0.05, ge=0.0, le=1.0, description="share of the router's skips tried "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from local_models.calibration import (
@@ -184,3 +186,30 @@ def test_cli_refuses_unknown_tier_and_unreadable_file(tmp_path: Path, capsys: py
         main(["calibrate-cascade", "--qa", "x", "--target-precision", "0.8", "--tiers", "gpt4"])
     assert main(["calibrate-cascade", "--qa", str(tmp_path / "nope.jsonl"), "--target-precision", "0.8"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+async def test_cli_seeds_the_routers_memory_in_the_proxys_store(tmp_path: Path, model_cache: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """--router writes every graded answer to the entry store `cachecade serve` is configured with (here the
+    embedded SQLite store in CACHECADE_DATA_DIR); a router on that store starts from them."""
+    from cache.sqlite_store import SQLiteStore
+    from proxy.router import RIGHT, Router
+
+    monkeypatch.setenv("CACHECADE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CACHECADE_MODEL_CACHE_DIR", str(model_cache))
+    rows = [{"question": "What is the capital of France?", "answer": ["Paris"]},
+            {"question": "What is the capital of Italy?", "answer": ["Nowhere"]}]  # fmt: skip
+    qa = _jsonl(tmp_path / "tiny.jsonl", rows)
+    code = await asyncio.to_thread(main, ["calibrate-cascade", "--qa", str(qa), "--target-precision", "0.5",
+                                          "--tiers", "smollm2", "--max-tokens", "12", "--model-cache",
+                                          str(model_cache), "--router"])  # fmt: skip
+    assert code == 0
+    store = await SQLiteStore.open(tmp_path / "data" / "cache.sqlite3")
+    try:
+        router = Router(store=store)
+        await router.sync()
+    finally:
+        await store.close()
+    memory = router.tiers["smollm2"]
+    assert memory.count == 2 and list(memory.right[:2]) == [RIGHT, 0]  # graded: Paris right, "Nowhere" not said
+    assert memory.vectors is not None and abs(float(np.linalg.norm(memory.vectors[0])) - 1.0) < 1e-2
