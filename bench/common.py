@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +54,28 @@ def write_report(name: str, report: dict[str, Any], text: str, out: Path | None 
     path.with_suffix(".txt").write_text(text + "\n")
     say(f"wrote {path} and {path.with_suffix('.txt')}")
     return path
+
+
+Series = tuple[str, Callable[[dict[str, Any]], float]]  # a y-axis label, and its value from one window
+
+
+def plot_windows(report: dict[str, Any], path: Path, top: Series, bottom: Series, line: float | None = None) -> None:
+    """Two panels over the windows of each run in `report["runs"]` (by `upto`); `line`: a dashed level on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for run in report["runs"]:
+        x = [w["upto"] for w in run["windows"]]
+        for axis, (_, value) in zip(axes, (top, bottom), strict=True):
+            axis.plot(x, [value(w) for w in run["windows"]], marker="o", label=run["mode"])
+    if line is not None:
+        axes[0].axhline(line, color="grey", linestyle="--", label="target")
+    for axis, (label, _) in zip(axes, (top, bottom), strict=True):
+        axis.set_ylabel(label)
+    axes[1].set_xlabel("requests")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path)

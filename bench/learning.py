@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import machine, say, write_report
+from bench.common import machine, plot_windows, say, write_report
 from bench.latency import start_proxy
 from cache.calibration import wilson
 from cache.verifier_data import Pair, read_pairs, split_of
@@ -186,26 +186,6 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for run_ in report["runs"]:
-        x = [w["upto"] for w in run_["windows"]]
-        top.plot(x, [w["wrong"] / max(1, w["semantic"]) for w in run_["windows"]], marker="o", label=run_["mode"])
-        bottom.plot(x, [w["threshold"] for w in run_["windows"]], marker="o", label=run_["mode"])
-    top.axhline(report["delta"], color="grey", linestyle="--", label="delta")
-    top.set_ylabel("error rate of semantic hits (window)")
-    bottom.set_ylabel("verifier threshold")
-    bottom.set_xlabel("requests")
-    top.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data")
@@ -233,7 +213,13 @@ def main() -> None:
         say(f"run: {mode}")
         report["runs"].append(run(mode, questions, gold, args))
     path = write_report("learning" if args.stream == "qqp" else f"learning_{args.stream}", report, table(report))
-    plot(report, path.with_suffix(".png"))
+    plot_windows(
+        report,
+        path.with_suffix(".png"),
+        ("error rate of semantic hits (window)", lambda w: w["wrong"] / max(1, w["semantic"])),
+        ("verifier threshold", lambda w: w["threshold"]),
+        line=report["delta"],
+    )
 
 
 if __name__ == "__main__":

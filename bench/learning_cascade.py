@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from bench.cascade import big_upstream_settings, serve
-from bench.common import machine, percentile, say, write_report
+from bench.common import machine, percentile, plot_windows, say, write_report
 from bench.latency import start_proxy
 from bench.learning import ADMIN, oracle_and_proxy
 from cache.calibration import wilson
@@ -102,8 +102,11 @@ def gold_text(item: QAItem) -> str:
 def settings_for(mode: str, args: argparse.Namespace) -> dict[str, str]:
     extra = {"CACHECADE_CASCADE_ROUTES": ROUTE, "CACHECADE_LEARN_SEED": str(args.seed),
              "CACHECADE_CASCADE_ROUTER": "false" if mode in ("upstream-only", "cascade") else "true"}  # fmt: skip
-    if "@" in mode:  # router@0.05: the router skipping under that estimated pass rate
-        extra["CACHECADE_CASCADE_ROUTER_MAX_PASS_RATE"] = mode.split("@", 1)[1]
+    if "@" in mode:  # router@0.05[@0.5]: the router skipping under that estimated pass rate [neighbours from 0.5]
+        rate, *similarity = mode.split("@")[1:]
+        extra["CACHECADE_CASCADE_ROUTER_MAX_PASS_RATE"] = rate
+        if similarity:
+            extra["CACHECADE_CASCADE_ROUTER_MIN_SIMILARITY"] = similarity[0]
     if args.gates:
         extra["CACHECADE_CASCADE_THRESHOLDS"] = args.gates
     if mode == "router+learning":
@@ -240,25 +243,6 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for r in report["runs"]:
-        x = [w["upto"] for w in r["windows"]]
-        top.plot(x, [w["p50"] for w in r["windows"]], marker="o", label=r["mode"])
-        bottom.plot(x, [w["local"] for w in r["windows"]], marker="o", label=r["mode"])
-    top.set_ylabel("p50 latency per window (ms)")
-    bottom.set_ylabel("local answers per window")
-    bottom.set_xlabel("requests")
-    top.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data")
@@ -271,8 +255,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--upstream", choices=("oracle", "real"), default="oracle",
                         help="oracle: gold answers; real: Gemma 3 270M behind a second cachecade serve")  # fmt: skip
-    parser.add_argument("--runs", default=",".join(RUNS), help="of " + ", ".join(RUNS) + " and router@RATE (the "
-                        "router skipping under that estimated pass rate); needs upstream-only and cascade")  # fmt: skip
+    runs_help = (
+        f"of {', '.join(RUNS)}, router@RATE (skipping under that estimated pass rate) and "
+        "router@RATE@COSINE (neighbours from that cosine); needs upstream-only and cascade"
+    )
+    parser.add_argument("--runs", default=",".join(RUNS), help=runs_help)
     parser.add_argument("--gates", help='gate thresholds as JSON, e.g. \'{"smollm2": 0.6, "gemma3": 0.6}\' '
                         "(default: the shipped ones)")  # fmt: skip
     parser.add_argument("--name", default="learning_cascade", help="report name under bench/results")
@@ -294,7 +281,12 @@ def main() -> None:
     for r in report["runs"]:
         r["rows"] = [{k: (round(v, 1) if k == "ms" else v) for k, v in row.items()} for row in r["rows"]]
     path = write_report(args.name, report, table(report))
-    plot(report, path.with_suffix(".png"))
+    plot_windows(
+        report,
+        path.with_suffix(".png"),
+        ("p50 latency per window (ms)", lambda w: w["p50"]),
+        ("local answers per window", lambda w: w["local"]),
+    )
 
 
 if __name__ == "__main__":

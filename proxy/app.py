@@ -170,6 +170,7 @@ async def _start(
     cascade = Cascade(workers, settings.cascade_policy(), off)
     cascade.router = Router(explore=settings.cascade_router_explore, min_tries=settings.cascade_router_min_tries,
                             max_pass_rate=settings.cascade_router_max_pass_rate,
+                            min_similarity=settings.cascade_router_min_similarity,
                             seed=settings.learn_seed,
                             store=cache.store) if settings.cascade_router else None  # fmt: skip
     if settings.admin_token is None:

@@ -126,6 +126,8 @@ class Settings(BaseSettings):
                                           "may skip it")  # fmt: skip
     cascade_router_max_pass_rate: float = Field(0.1, ge=0.0, le=1.0, description="skip a tier when the router's "
                                                 "estimate that its answer passes is under this")  # fmt: skip
+    cascade_router_min_similarity: float = Field(0.5, ge=-1.0, le=1.0, description="cosine from which a "
+                                                 "remembered query counts as the query's neighbour")  # fmt: skip
     learn_seed: int | None = Field(None, description="seed of the shadow-check sampling and the router's "
                                    "exploration (unset: random), for reproducible runs")  # fmt: skip
     cascade_router_explore: float = Field(0.05, ge=0.0, le=1.0, description="share of the router's skips tried "

@@ -9,9 +9,10 @@ answer *passes* when it was complete, scored >= the tier's gate threshold now in
 changes the prediction at once, with no forgetting), and is not labelled wrong.
 
 The prediction for a query: its neighbours are the tier's `k` nearest remembered queries at cosine >=
-`min_similarity` (0.6 on the packaged embedder groups questions of one shape: "What is the capital of France?"
-and "... of Spain?" are 0.6-0.7 apart, an unrelated question 0.1); the tier's pass rate over all its memory is the
-prior. The estimated pass probability is (neighbours that passed + `prior_weight` x prior) / (neighbours +
+`min_similarity` (0.5 on the packaged embedder groups questions of one shape: "What is the capital of France?"
+and "... of Kenya?" are about 0.57 apart, an unrelated question 0.1; chosen on one seed of
+bench/learning_cascade.py's stream and checked on another, docs/learning.md); the tier's pass rate over all its
+memory is the prior. The estimated pass probability is (neighbours that passed + `prior_weight` x prior) / (neighbours +
 `prior_weight`): one close neighbour that passed is enough to try the tier; with no close neighbours the tier's
 own record decides. A tier is skipped when that estimate is under `max_pass_rate`, and never before it has
 `min_tries` remembered answers (it starts conservative: a tier with no record is tried). A share `explore` of
@@ -102,7 +103,7 @@ class RouterStats:
 class Router:
     """Skips local tiers whose answers to this kind of query do not pass."""
 
-    def __init__(self, k: int = 8, min_similarity: float = 0.6, max_pass_rate: float = 0.1, prior_weight: float = 2.0,
+    def __init__(self, k: int = 8, min_similarity: float = 0.5, max_pass_rate: float = 0.1, prior_weight: float = 2.0,
                  min_tries: int = 30, explore: float = 0.05, memory: int = 20_000, seed: int | None = None,
                  store: RouteLog | None = None, sync_s: float = 2.0) -> None:  # fmt: skip
         self.k, self.min_similarity, self.max_pass_rate = k, min_similarity, max_pass_rate
