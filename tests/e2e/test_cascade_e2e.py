@@ -4,6 +4,7 @@ a real upstream process (llama.cpp's server on SmolLM2) when the local answer is
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 
@@ -39,6 +40,16 @@ def test_low_confidence_escalates_to_a_real_upstream_then_admin_lowers_the_gate(
     assert r.headers["x-served-by"] == "upstream:smollm2" and r.headers["x-escalated"] == "smollm2:low-confidence"
     assert r.parse().choices[0].message.content
     admin = {"authorization": f"Bearer {ADMIN}"}
+    # After the response, the rejected local answer was compared with the real upstream's: a label for the gate.
+    deadline = time.monotonic() + 30
+    while True:
+        learning = httpx.get(f"{proxy.url}/admin/learning", headers=admin, timeout=10).json()
+        if learning["stats"]["escalations"]["compared"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert learning["stats"]["escalations"]["compared"] == 1, learning
+    (label,) = learning["scopes"]["local:smollm2/confidence/default"]["recent"]
+    assert label["source"] == "escalation" and label["request_id"] == r.headers["x-request-id"]
     put = httpx.put(f"{proxy.url}/admin/cascade", json={"thresholds": {"smollm2": 0.7}}, headers=admin, timeout=10)
     assert put.status_code == 200
     local = c.chat.completions.with_raw_response.create(model="cachecade/auto", messages=EASY, max_tokens=32)  # type: ignore[arg-type]
