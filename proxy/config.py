@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = Field(300.0, gt=0, description="read timeout for upstream answers")
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     upstream_max_connections: int = Field(100, ge=1)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above, "
+                                "refused while it is read)")  # fmt: skip
 
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the /admin API (at least 16 characters); unset = admin disabled"

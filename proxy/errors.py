@@ -55,6 +55,13 @@ class InvalidRequest(ProxyError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(InvalidRequest):
+    """A request body over the configured limit (413), refused while it is read, before it is parsed."""
+
+    status = 413
+    code = "request_too_large"
+
+
 class Unauthorized(ProxyError):
     """Missing or wrong credentials (401)."""
 

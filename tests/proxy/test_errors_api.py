@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
 import httpx
 import pytest
 
@@ -111,3 +115,27 @@ async def test_auth_passthrough_and_configured_key(make_client, upstream: FakeUp
     async with make_client(upstream_api_key="sk-configured") as client:
         await client.post("/v1/chat/completions", json=chat("b"), headers={"authorization": "Bearer caller"})
     assert [r.headers.get("authorization") for r in upstream.requests] == ["Bearer caller", "Bearer sk-configured"]
+
+
+async def test_an_oversized_body_is_a_413_refused_before_it_is_parsed(make_client: Any) -> None:
+    """Over max_body_bytes: a 413 in OpenAI's shape, from Content-Length before reading, and from the bytes read
+    when no length is declared (a chunked body); the server keeps answering."""
+    async with make_client(max_body_bytes=64 * 1024) as client:
+        big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "word " * 20_000}]})
+        r = await client.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
+        assert "65536" in error["message"]
+
+        async def trickle() -> AsyncIterator[bytes]:  # no Content-Length: refused once the bytes pass the limit
+            for _ in range(200):
+                yield b" " * 1024
+
+        chunked = await client.post("/v1/chat/completions", content=trickle(),
+                                    headers={"content-type": "application/json"})  # fmt: skip
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        assert (await client.get("/healthz")).status_code == 200
+        small = await client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user",
+                                                                                       "content": "hi"}]})  # fmt: skip
+        assert small.status_code == 200
