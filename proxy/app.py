@@ -176,7 +176,7 @@ async def _start(
     if settings.admin_token is None:
         log.info("admin API disabled: set CACHECADE_ADMIN_TOKEN to enable /admin")
     budgets = Budgets(counters, settings.budget_policy(), cache.clock)
-    spending = SpendPlanner(budgets, await asyncio.to_thread(TokenCounter), cache)
+    spending = SpendPlanner(budgets, await asyncio.to_thread(TokenCounter), cache, settings.max_prompt_tokens)
     pipeline = CompletionPipeline(cache, upstream, cascade, spending)
     learner = Learner(cache, settings.learn_served_ttl_s, lambda name, policy: services.publish(name, policy), upstream,
                       seed=settings.learn_seed, cascade=cascade)  # fmt: skip

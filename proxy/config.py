@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(100, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above, "
                                 "refused while it is read)")  # fmt: skip
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this (408 after)")
+    max_prompt_tokens: int | None = Field(131_072, ge=1, description="longest prompt accepted, in tokens (400 "
+                                          "above; unset: no limit)")  # fmt: skip
 
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the /admin API (at least 16 characters); unset = admin disabled"

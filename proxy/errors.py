@@ -62,6 +62,13 @@ class PayloadTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class RequestTimeout(InvalidRequest):
+    """A request body that did not arrive in time (408): a stalled or trickling client."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class Unauthorized(ProxyError):
     """Missing or wrong credentials (401)."""
 

@@ -16,7 +16,7 @@ from starlette.types import Receive
 from cache.embedder import DEFAULT_EMBEDDER, PACKAGED_EMBEDDERS
 from cache.keys import Kind
 from proxy.context import SHARED, CacheDirectives, RequestContext, key_id_of, request_id_of, token_budget_of
-from proxy.errors import InvalidRequest, NotFound, PayloadTooLarge, ProxyError, from_validation
+from proxy.errors import InvalidRequest, NotFound, PayloadTooLarge, ProxyError, RequestTimeout, from_validation
 from proxy.outcome import Reply
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from proxy.services import Services
@@ -33,24 +33,30 @@ def services(request: Request) -> Services:
 PARSE_IN_THREAD = 64 * 1024  # bodies at least this large are parsed off the event loop
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The raw body, refused with a 413 as soon as it is known to be over `limit` bytes: from Content-Length
-    before reading anything, else while it is read (a chunked body that keeps coming)."""
+    before reading anything, else while it is read (a chunked body that keeps coming); a 408 when it has not all
+    arrived within `timeout_s` (a client trickling it byte by byte)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The body as a JSON object, within the size limit (413 above); anything else is a 400."""
-    raw = await read_body(request, services(request).settings.max_body_bytes)
+    settings = services(request).settings
+    raw = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     try:
         body = await asyncio.to_thread(json.loads, raw) if len(raw) >= PARSE_IN_THREAD else json.loads(raw)
     except ValueError as exc:

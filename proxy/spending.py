@@ -5,6 +5,7 @@ key's budget, and the TALE hint. Also the token accounting of what was spent.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from cache.keys import CacheKey, Kind
 from cache.response_cache import ResponseCache
 from local_models.budget import with_hint
 from proxy.budget import BudgetPolicy, Budgets, Ticket
+from proxy.errors import InvalidRequest
 from proxy.estimate import Estimate, from_neighbours, from_prompt
 from proxy.tokens import TokenCounter
 
@@ -78,10 +80,12 @@ def upstream_usage(payload: Mapping[str, Any], counter: TokenCounter, prompt_est
 class SpendPlanner:
     """Makes the Spend of each miss and applies it to the request body."""
 
-    def __init__(self, budgets: Budgets, counter: TokenCounter, cache: ResponseCache) -> None:
+    def __init__(self, budgets: Budgets, counter: TokenCounter, cache: ResponseCache,
+                 max_prompt_tokens: int | None = None) -> None:  # fmt: skip
         self.budgets = budgets
         self.counter = counter
         self.cache = cache
+        self.max_prompt_tokens = max_prompt_tokens  # longer prompts are a 400 (None: no limit)
         self.stats = TokenStats()
 
     @property
@@ -104,8 +108,14 @@ class SpendPlanner:
         self, kind: Kind, body: Mapping[str, Any], model: str, client_cap: int | None, request_budget: int | None,
         ticket: Ticket, estimate: Estimate,
     ) -> Spend:  # fmt: skip
-        """Cap and reserve (429 when the key's budget cannot pay for the prompt and one token)."""
-        prompt = self.counter.prompt_tokens(kind, body)
+        """Cap and reserve (429 when the key's budget cannot pay for the prompt and one token; 400 when the prompt
+        is over max_prompt_tokens). Tokens are counted off the event loop: a long prompt must not stall others."""
+        prompt = await asyncio.to_thread(self.counter.prompt_tokens, kind, body)
+        if self.max_prompt_tokens is not None and prompt > self.max_prompt_tokens:
+            raise InvalidRequest(f"the prompt has about {prompt} tokens, over this proxy's limit of "
+                                 f"{self.max_prompt_tokens} (CACHECADE_MAX_PROMPT_TOKENS)",
+                                 param="messages" if kind == "chat" else "prompt",
+                                 code="context_length_exceeded")  # fmt: skip
         caps = [client_cap, request_budget]
         if self.policy.clamp_factor is not None:
             caps.append(max(self.policy.clamp_min_tokens, math.ceil(self.policy.clamp_factor * estimate.tokens)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -139,3 +140,26 @@ async def test_an_oversized_body_is_a_413_refused_before_it_is_parsed(make_clien
         small = await client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user",
                                                                                        "content": "hi"}]})  # fmt: skip
         assert small.status_code == 200
+
+
+async def test_a_prompt_over_the_token_limit_is_a_400_naming_it(make_client: Any, upstream: FakeUpstream) -> None:
+    async with make_client(max_prompt_tokens=50) as client:
+        r = await client.post("/v1/chat/completions", json=chat("word " * 200))
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "messages" and error["code"] == "context_length_exceeded" and "50" in error["message"]
+        legacy = await client.post("/v1/completions", json={"model": "m", "prompt": "word " * 200})
+        assert legacy.status_code == 400 and legacy.json()["error"]["param"] == "prompt"
+        assert (await client.post("/v1/chat/completions", json=chat("hi"))).status_code == 200
+    assert len(upstream.requests) == 1  # the long prompts never reached the upstream
+
+
+async def test_a_body_trickled_past_the_timeout_is_a_408(make_client: Any) -> None:
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"model": "m", '
+        await asyncio.sleep(0.5)
+        yield b'"messages": []}'
+
+    async with make_client(body_timeout_s=0.1) as client:
+        r = await client.post("/v1/chat/completions", content=trickle(), headers={"content-type": "application/json"})
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
