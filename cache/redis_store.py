@@ -444,6 +444,24 @@ class RedisStore:
     async def label_scopes(self) -> list[str]:
         return sorted(raw.decode() for raw in await self._run(self.client.smembers(self._scopes)))
 
+    # --- runtime policies and the audit log (proxy/services.py) ------------------------------------------------
+
+    async def save_policy(self, name: str, record: str) -> None:
+        await self._run(self.client.hset(f"{self.prefix}runtime-policies", name, record))
+
+    async def load_policy(self, name: str) -> str | None:
+        raw = await self._run(self.client.hget(f"{self.prefix}runtime-policies", name))
+        return None if raw is None else raw.decode()
+
+    async def append_audit(self, record: str, keep: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lpush(f"{self.prefix}audit", record)
+        pipe.ltrim(f"{self.prefix}audit", 0, keep - 1)
+        await self._run(pipe.execute())
+
+    async def audit(self, limit: int) -> list[str]:
+        return [raw.decode() for raw in await self._run(self.client.lrange(f"{self.prefix}audit", 0, limit - 1))]
+
     # --- the cascade router's memory (proxy/router.py) ----------------------------------------------------------
 
     @property

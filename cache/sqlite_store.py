@@ -59,6 +59,14 @@ CREATE TABLE IF NOT EXISTS labels (
     label TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS labels_scope ON labels (scope, id);
+CREATE TABLE IF NOT EXISTS runtime_policies (
+    name TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS route_samples (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sample TEXT NOT NULL
@@ -213,6 +221,34 @@ class SQLiteStore:
     async def label_scopes(self) -> list[str]:
         rows = await self._run(lambda: self.db.execute("SELECT DISTINCT scope FROM labels ORDER BY scope").fetchall())
         return [r[0] for r in rows]
+
+    # --- runtime policies and the audit log (proxy/services.py) ------------------------------------------------
+
+    async def save_policy(self, name: str, record: str) -> None:
+        def write() -> None:
+            with self.db:
+                self.db.execute("INSERT OR REPLACE INTO runtime_policies (name, record) VALUES (?, ?)", (name, record))
+
+        await self._run(write)
+
+    async def load_policy(self, name: str) -> str | None:
+        query = "SELECT record FROM runtime_policies WHERE name = ?"
+        row = await self._run(lambda: self.db.execute(query, (name,)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def append_audit(self, record: str, keep: int) -> None:
+        def write() -> None:
+            with self.db:
+                last = self.db.execute("INSERT INTO audit (record) VALUES (?)", (record,)).lastrowid
+                if last is not None:
+                    self.db.execute("DELETE FROM audit WHERE id <= ?", (last - keep,))
+
+        await self._run(write)
+
+    async def audit(self, limit: int) -> list[str]:
+        rows = await self._run(lambda: self.db.execute("SELECT record FROM audit ORDER BY id DESC LIMIT ?",
+                                                       (limit,)).fetchall())  # fmt: skip
+        return [str(r[0]) for r in rows]
 
     # --- the cascade router's memory (proxy/router.py) ----------------------------------------------------------
 

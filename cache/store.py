@@ -160,6 +160,22 @@ class EntryStore(Protocol):
 
     async def label_scopes(self) -> list[str]: ...
 
+    # Runtime policy changes (proxy/services.py): the policy in force per name, and the audit log of changes.
+
+    async def save_policy(self, name: str, record: str) -> None:
+        """Keep the runtime policy `name` (a JSON record), replacing the one kept."""
+        ...
+
+    async def load_policy(self, name: str) -> str | None: ...
+
+    async def append_audit(self, record: str, keep: int) -> None:
+        """Append a change to the audit log (keeping the newest `keep`)."""
+        ...
+
+    async def audit(self, limit: int) -> list[str]:
+        """The newest `limit` audit records, newest first."""
+        ...
+
     # The cascade router's shared memory (proxy/router.py): an append-only log of samples, read from a cursor.
 
     async def add_route_samples(self, samples: list[str], keep: int) -> None:

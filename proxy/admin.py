@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import secrets
 import time
@@ -29,6 +31,12 @@ def require_admin(request: Request) -> Services:
     if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise Unauthorized("admin API: missing or wrong bearer token", headers={"www-authenticate": "Bearer"})
     return svc
+
+
+def admin_id(svc: Services) -> str:
+    """Who made a change, for the audit log: the admin token's id (a digest, never the token)."""
+    token = svc.settings.admin_token
+    return "admin:" + hashlib.sha256(token.get_secret_value().encode()).hexdigest()[:12] if token else "admin"
 
 
 Admin = Annotated[Services, Depends(require_admin)]
@@ -65,8 +73,16 @@ async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     policy = await _merged(request, svc.cache.policy)
     _log_change("cache policy", svc.cache.policy, policy)
     svc.cache.policy = policy
-    await svc.publish("cache", policy)
+    await svc.publish("cache", policy, who=admin_id(svc))
     return policy.model_dump()
+
+
+@router.get("/audit")
+async def get_audit(svc: Admin, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
+    """Every policy change (admin API and learning), newest first: who, when, and each field's old and new value.
+    Append-only in the store (the newest 100,000 kept)."""
+    records = [json.loads(raw) for raw in await svc.cache.store.audit(limit)]
+    return {"object": "list", "data": records}
 
 
 @router.get("/learning")
@@ -93,7 +109,7 @@ async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
         raise InvalidRequest(str(exc), param="routes") from None
     _log_change("cascade policy", svc.cascade.policy, policy)
     svc.cascade.policy = policy
-    await svc.publish("cascade", policy)
+    await svc.publish("cascade", policy, who=admin_id(svc))
     return await get_cascade(svc)
 
 
@@ -111,7 +127,7 @@ async def put_budgets(request: Request, svc: Admin) -> dict[str, Any]:
     policy = await _merged(request, budgets.policy)
     _log_change("budget policy", budgets.policy, policy)
     budgets.policy = policy
-    await svc.publish("budgets", policy)
+    await svc.publish("budgets", policy, who=admin_id(svc))
     return policy.model_dump()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -41,7 +42,7 @@ from proxy.errors import install_error_handlers
 from proxy.learning import Learner
 from proxy.pipeline import CompletionPipeline
 from proxy.router import Router
-from proxy.services import Services
+from proxy.services import Services, fingerprint
 from proxy.spending import SpendPlanner
 from proxy.tokens import TokenCounter
 from proxy.upstream import Upstream
@@ -181,6 +182,7 @@ async def _start(
     learner = Learner(cache, settings.learn_served_ttl_s, lambda name, policy: services.publish(name, policy), upstream,
                       seed=settings.learn_seed, cascade=cascade)  # fmt: skip
     services = Services(settings, async_embedder, cache, upstream, pipeline, cascade, spending, learner, follower)
+    await restore_policies(services)
     if follower is not None:
         follower.on_policy = lambda name, fields: apply_policy(services, name, fields)
     return services
@@ -226,8 +228,9 @@ async def _check_embedders(store: RedisStore, mine: str) -> None:
                     ", ".join(sorted(others)), mine)  # fmt: skip
 
 
-def apply_policy(services: Services, name: str, fields: dict[str, Any]) -> None:
-    """A policy change another replica made through its admin API (raises ValueError when it does not fit)."""
+def apply_policy(services: Services, name: str, fields: dict[str, Any], source: str = "another replica") -> None:
+    """A policy change another replica made (or one kept in the store from before a restart); raises ValueError
+    when it does not fit."""
     if name == "cache":
         services.cache.policy = CachePolicy.model_validate(fields)
     elif name == "cascade":
@@ -236,7 +239,34 @@ def apply_policy(services: Services, name: str, fields: dict[str, Any]) -> None:
         services.cascade.policy = policy
     elif name == "budgets":
         services.spending.budgets.policy = BudgetPolicy.model_validate(fields)
-    log.info("applied a %s policy change from another replica", name)
+    else:
+        return
+    services.in_force[name] = dict(fields)
+    log.info("applied a %s policy change from %s", name, source)
+
+
+async def restore_policies(services: Services) -> None:
+    """Runtime policy changes kept in the store win over the settings they were made over; settings changed since
+    (another deployment) win over them, with a warning. Either way the audit log keeps what was changed."""
+    for name, policy in (("cache", services.cache.policy), ("cascade", services.cascade.policy),
+                         ("budgets", services.spending.budgets.policy)):  # fmt: skip
+        services.configured[name], services.in_force[name] = fingerprint(policy), policy.model_dump(mode="json")
+        try:
+            raw = await services.cache.store.load_policy(name)
+        except CacheError as exc:
+            log.warning("could not read the runtime %s policy from the store; the settings stand: %s", name, exc)
+            continue
+        if raw is None:
+            continue
+        kept = json.loads(raw)
+        if kept.get("settings") != services.configured[name]:
+            log.warning("the %s policy was changed at run time over other settings than these; the settings win "
+                        "(GET /admin/audit shows the change)", name)  # fmt: skip
+            continue
+        try:
+            apply_policy(services, name, kept["fields"], "the store (a change made before this start)")
+        except (ValueError, KeyError) as exc:
+            log.warning("the runtime %s policy kept in the store does not fit; the settings stand: %s", name, exc)
 
 
 async def _stop(services: Services) -> None:

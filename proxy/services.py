@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -20,6 +23,12 @@ from proxy.spending import SpendPlanner
 from proxy.upstream import Upstream
 
 log = logging.getLogger("cachecade")
+AUDIT_KEEP = 100_000  # audit records kept in the store, newest
+
+
+def fingerprint(policy: BaseModel) -> str:
+    """A short digest of a policy's fields: which settings a runtime change was made over."""
+    return hashlib.sha256(json.dumps(policy.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -36,12 +45,27 @@ class Services:
     learner: Learner
     follower: Follower | None = None  # with the Redis store: keeps the index and policies in step
     started_at: float = field(default_factory=time.time)
+    configured: dict[str, str] = field(default_factory=dict)  # per policy: the fingerprint of what settings gave
+    in_force: dict[str, dict[str, Any]] = field(default_factory=dict)  # per policy: its fields now (audit's "old")
 
-    async def publish(self, name: str, policy: BaseModel) -> None:
-        """Tell the other replicas (through the Redis store) about a policy changed here; best effort."""
+    async def publish(self, name: str, policy: BaseModel, who: str = "learning") -> None:
+        """A policy changed here: the change is audited (who, the old and new values, when), the policy kept in the
+        store so that it lasts across restarts, and shared with the other replicas. Best effort: a store that is
+        down loses the record, never the change."""
+        new = policy.model_dump(mode="json")
+        old = self.in_force.get(name, {})
+        self.in_force[name] = new
+        changed = {k: {"old": old.get(k), "new": v} for k, v in new.items() if old.get(k) != v}
+        record = {"at": time.time(), "who": who, "policy": name, "changed": changed}
+        kept = {"fields": new, "settings": self.configured.get(name, "")}
+        try:
+            await self.cache.store.append_audit(json.dumps(record), AUDIT_KEEP)
+            await self.cache.store.save_policy(name, json.dumps(kept))
+        except CacheError as exc:
+            log.warning("could not keep the %s policy change in the store (audit, restart): %s", name, exc)
         if self.follower is None:
             return
         try:
-            await self.follower.store.publish_policy(name, policy.model_dump(mode="json"))
+            await self.follower.store.publish_policy(name, new)
         except CacheError as exc:
             log.warning("could not share the %s policy change with other replicas: %s", name, exc)

@@ -249,3 +249,14 @@ async def test_the_memory_is_shared_through_the_store(store: EntryStore) -> None
     await restarted.sync()
     assert restarted.tiers["t"].count == 3 and restarted.skip("t", 0.7, unit(1, 0.1, 0))
     assert restarted.summary()["tiers"]["t"] == {"remembered": 3, "labelled_right": 0, "labelled_wrong": 3}
+
+
+async def test_runtime_policies_and_the_audit_log(store: EntryStore) -> None:
+    assert await store.load_policy("cache") is None and await store.audit(10) == []
+    await store.save_policy("cache", '{"v": 1}')
+    await store.save_policy("cache", '{"v": 2}')
+    assert await store.load_policy("cache") == '{"v": 2}' and await store.load_policy("budgets") is None
+    for i in range(5):
+        await store.append_audit(f"r{i}", keep=3)
+    assert await store.audit(10) == ["r4", "r3", "r2"]  # newest first, the newest `keep` kept
+    assert await store.audit(1) == ["r4"]

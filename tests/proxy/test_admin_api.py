@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx
 
 from tests.proxy.conftest import ADMIN, chat
@@ -71,3 +74,21 @@ async def test_delete_by_id_and_namespace_and_flush(client: httpx.AsyncClient) -
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "confirm"
     assert (await client.post("/admin/flush", json={"confirm": "flush"}, headers=AUTH)).json() == {"deleted": 1}
     assert (await client.get("/admin/stats", headers=AUTH)).json()["entries"] == 0
+
+
+async def test_changes_are_audited_and_last_across_a_restart_until_the_settings_change(make_client: Any) -> None:
+    auth = AUTH
+    async with make_client() as client:
+        before = (await client.get("/admin/config", headers=auth)).json()["threshold"]
+        assert (await client.put("/admin/config", json={"threshold": 0.97}, headers=auth)).status_code == 200
+        assert (await client.get("/admin/audit", headers=auth)).status_code == 200
+        audit = (await client.get("/admin/audit", headers=auth)).json()["data"]
+        assert (await client.get("/admin/audit")).status_code == 401
+    (record,) = audit
+    assert record["policy"] == "cache" and record["changed"] == {"threshold": {"old": before, "new": 0.97}}
+    assert record["who"].startswith("admin:") and ADMIN not in json.dumps(audit) and record["at"] > 0
+    async with make_client() as client:  # a restart with the same settings: the change stands
+        assert (await client.get("/admin/config", headers=auth)).json()["threshold"] == 0.97
+        assert len((await client.get("/admin/audit", headers=auth)).json()["data"]) == 1
+    async with make_client(cache_threshold=0.9) as client:  # other settings since: they win
+        assert (await client.get("/admin/config", headers=auth)).json()["threshold"] == 0.9

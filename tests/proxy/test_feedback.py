@@ -64,6 +64,10 @@ async def test_a_bad_semantic_hit_tightens_the_threshold_under_max_error(make_cl
         assert similarity < decision["threshold"] <= 1.0
         config = (await client.get("/admin/config", headers=ADMIN_HEADERS)).json()
         assert config["namespace_thresholds"] == {"default": decision["threshold"]}
+        (audit,) = (await client.get("/admin/audit", headers=ADMIN_HEADERS)).json()["data"]  # learning is audited
+        assert audit["who"] == "learning" and audit["changed"] == {
+            "namespace_thresholds": {"old": {}, "new": {"default": decision["threshold"]}}
+        }
         learning = (await client.get("/admin/learning", headers=ADMIN_HEADERS)).json()
         scope = learning["scopes"]["semantic/cosine/default"]
         assert scope["labels"] == 1 and scope["bad"] == 1 and scope["decision"]["threshold"] == decision["threshold"]
