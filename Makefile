@@ -72,6 +72,7 @@ bench: install-dev
 	$(BIN)/python -m bench.verifier --data $(DATA)
 	$(BIN)/python -m bench.learning --data $(DATA)
 	$(BIN)/python -m bench.learning_cascade --data $(DATA)
+	$(BIN)/python -m bench.hardening --data $(DATA)
 	$(BIN)/python -m bench.latency --data $(DATA)
 	$(BIN)/python -m bench.local_tier
 	$(BIN)/python -m bench.llama_builds --threads 1 2
