@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -30,9 +32,11 @@ from typing import Any
 import httpx
 
 from bench.common import machine, percentile, say, write_report
-from bench.learning import oracle_and_proxy
+from bench.latency import start_proxy
+from bench.learning import oracle_and_proxy, serve_oracle
 from bench.oracle_upstream import caller_tag
 from cache.verifier_data import read_pairs, split_of
+from local_models.processes import stop, wait_until_up
 
 BIG_WORDS = 2_000_000
 
@@ -202,6 +206,105 @@ async def tenants(url: str, questions: list[str], paraphrases: dict[str, str], p
             "leaks": leaks[:20]}  # fmt: skip
 
 
+# --- kill -9 under write load -----------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids below `pid` (the proxy's model workers), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+EXACT_ONLY = {"threshold": 1.0, "verifier_threshold": 1.0}  # after the restart: no near neighbour may answer
+
+
+async def write_load(url: str, questions: list[str], acknowledged: list[str], stop: asyncio.Event) -> None:
+    """Four writers storing distinct questions until `stop`; a question is acknowledged once its 200 came back
+    with the id of the entry stored for it."""
+    queue = iter(questions)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+        async def writer() -> None:
+            for q in queue:
+                if stop.is_set():
+                    return
+                try:  # exact only: the templated questions are near neighbours, and a hit stores nothing
+                    r = await client.post("/v1/chat/completions", json={**chat(q), "cache": EXACT_ONLY},
+                                          headers=key("writer"))  # fmt: skip
+                except httpx.HTTPError:
+                    return  # the server is gone
+                if r.status_code == 200 and r.headers.get("x-cache-entry-id"):
+                    acknowledged.append(q)  # answered, and stored (its entry id came back)
+
+        await asyncio.gather(*(writer() for _ in range(4)))
+
+
+async def check_after_restart(url: str, acknowledged: list[str], gold: dict[str, str]) -> dict[str, int]:
+    counts = {"served": 0, "wrong": 0, "lost": 0}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for q in acknowledged:
+            r = await client.post("/v1/chat/completions", json={**chat(q), "cache": EXACT_ONLY},
+                                  headers={**key("writer"), "cache-control": "no-store"})  # fmt: skip
+            if r.headers.get("x-cache", "").startswith("HIT"):
+                counts["served"] += 1
+                counts["wrong"] += not r.json()["choices"][0]["message"]["content"].endswith(gold[q])
+            else:
+                counts["lost"] += 1
+    return counts
+
+
+async def load_then_kill(url: str, pid: int, questions: list[str], seconds: float) -> list[str]:
+    """Write load for `seconds`, then SIGKILL of the proxy and its workers; the acknowledged questions."""
+    acknowledged: list[str] = []
+    stop_event = asyncio.Event()
+    task = asyncio.create_task(write_load(url, questions, acknowledged, stop_event))
+    await asyncio.sleep(seconds)
+    for victim in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    stop_event.set()
+    await task
+    return acknowledged
+
+
+def crash(workdir: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    """`kill -9` of the proxy and its workers while four clients store answers, then a restart on the same data
+    dir: does it open, is the index rebuilt, is any acknowledged answer lost or served for another question?"""
+    questions = [f"Crash test question {i}: what is the code word for item {i}?" for i in range(20_000)]
+    gold = {q: f"code word {i * 7919 % 100_000}" for i, q in enumerate(questions)}
+    results = []
+    with serve_oracle(workdir, gold) as upstream:
+        for n in range(rounds):
+            proxy, url, log = start_proxy(workdir, upstream, 0.95, {})
+            wait_until_up(f"{url}/readyz", proxy, log, 300)
+            acknowledged = asyncio.run(load_then_kill(url, proxy.pid, questions[n * 5000 : (n + 1) * 5000], seconds))
+            proxy.wait()
+            restarted, url, log = start_proxy(workdir, upstream, 0.95, {})
+            started = time.monotonic()
+            wait_until_up(f"{url}/readyz", restarted, log, 300)
+            ready_s = time.monotonic() - started
+            indexed = httpx.get(f"{url}/readyz", timeout=10).json().get("indexed_vectors")
+            counts = asyncio.run(check_after_restart(url, acknowledged, gold))
+            stop(restarted)
+            results.append({"acknowledged": len(acknowledged), **counts, "indexed_after_restart": indexed,
+                            "restart_ready_s": round(ready_s, 1)})  # fmt: skip
+            say(f"crash round {n + 1}: {results[-1]}")
+    return {"rounds": results, "acknowledged": sum(r["acknowledged"] for r in results),
+            "lost": sum(r["lost"] for r in results), "wrong": sum(r["wrong"] for r in results)}  # fmt: skip
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [f"machine: {report['machine']}"]
     if "bodies" in report:
@@ -224,13 +327,22 @@ def table(report: dict[str, Any]) -> str:
                   f"{t['cross_tenant']}; probe hits on the prober's own entries {t['counts']['own_hits']}; "
                   f"errors {t['counts']['errors']}"]  # fmt: skip
         lines += [f"  LEAK {leak}" for leak in t["leaks"]]
+    if "crash" in report:
+        c = report["crash"]
+        lines += [f"crash: {len(c['rounds'])} rounds of kill -9 under 4 writers, restart on the same data dir: "
+                  f"{c['acknowledged']} answers acknowledged, {c['lost']} lost "
+                  f"({c['lost'] / max(1, c['acknowledged']):.2%}), {c['wrong']} served for another "
+                  "question"]  # fmt: skip
+        lines += [f"  {r}" for r in c["rounds"]]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data")
-    parser.add_argument("--only", choices=("bodies", "tenants"))
+    parser.add_argument("--only", choices=("bodies", "tenants", "crash"))
+    parser.add_argument("--crash-rounds", type=int, default=3)
+    parser.add_argument("--crash-after-s", type=float, default=8.0, help="seconds of write load before kill -9")
     parser.add_argument("--probes", type=int, default=10_000)
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -249,6 +361,10 @@ def main() -> None:
             say(table({"machine": "", "bodies": report["bodies"]}))
         if args.only in (None, "tenants"):
             report["tenants"] = asyncio.run(tenants(url, questions, paraphrases, args.probes, args.seed))
+    if args.only in (None, "crash"):
+        os.environ.pop("ORACLE_TAG_CALLER")
+        with tempfile.TemporaryDirectory() as work:
+            report["crash"] = crash(Path(work), args.crash_rounds, args.crash_after_s)
     write_report("hardening", report, table(report))
 
 

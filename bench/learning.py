@@ -116,9 +116,8 @@ async def replay(proxy: str, questions: list[str], gold: dict[str, str], window:
 
 
 @contextlib.contextmanager
-def oracle_and_proxy(workdir: Path, gold: dict[str, str], extra: dict[str, str]) -> Iterator[str]:
-    """The oracle upstream (answering `gold`) and a `cachecade serve` in front of it, both up; yields the proxy's
-    base URL and stops both on the way out."""
+def serve_oracle(workdir: Path, gold: dict[str, str]) -> Iterator[str]:
+    """The oracle upstream answering `gold`, up; yields its /v1 URL and stops it on the way out."""
     answers = workdir / "answers.json"
     answers.write_text(json.dumps(gold))
     port = free_port()
@@ -128,15 +127,24 @@ def oracle_and_proxy(workdir: Path, gold: dict[str, str], extra: dict[str, str])
         oracle = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.oracle_upstream:app", "--port",
                                    str(port), "--log-level", "warning"], env=env, stdout=out,
                                   stderr=subprocess.STDOUT)  # fmt: skip
-    proxy, url, log = start_proxy(workdir, f"http://127.0.0.1:{port}/v1", 0.95,
-                                  {"CACHECADE_ADMIN_TOKEN": ADMIN, **extra})  # fmt: skip
     try:
         wait_until_up(f"http://127.0.0.1:{port}/v1/models", oracle, oracle_log, 60)
-        wait_until_up(f"{url}/readyz", proxy, log, 300)
-        yield url
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
-        for process in (proxy, oracle):
-            stop(process)
+        stop(oracle)
+
+
+@contextlib.contextmanager
+def oracle_and_proxy(workdir: Path, gold: dict[str, str], extra: dict[str, str]) -> Iterator[str]:
+    """The oracle upstream (answering `gold`) and a `cachecade serve` in front of it, both up; yields the proxy's
+    base URL and stops both on the way out."""
+    with serve_oracle(workdir, gold) as upstream:
+        proxy, url, log = start_proxy(workdir, upstream, 0.95, {"CACHECADE_ADMIN_TOKEN": ADMIN, **extra})
+        try:
+            wait_until_up(f"{url}/readyz", proxy, log, 300)
+            yield url
+        finally:
+            stop(proxy)
 
 
 def run(mode: str, questions: list[str], gold: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
