@@ -70,7 +70,9 @@ async def test_concurrent_requests_cannot_overspend(make_client, upstream: FakeU
         usage = (await client.get("/admin/budgets/usage", params={"key_id": key_id(ALICE)},
                                   headers=ADMIN_HEADERS)).json()  # fmt: skip
     codes = sorted(a.status_code for a in answers)
-    assert set(codes) == {200, 429} and codes.count(200) >= 4  # each reserves ~50 (prompt + 40) of 200
+    # Each reserves ~51 (prompt + 40) of 200: 3 fit at once, more only once earlier ones have settled (spent 18),
+    # which depends on timing (prompt tokens are counted in a worker thread, so all may reserve before any settles).
+    assert set(codes) == {200, 429} and codes.count(200) >= 3
     spent = usage["windows"][0]
     assert spent["window"] == "minute" and spent["used"] == 18 * codes.count(200) <= 200
     assert len(upstream.requests) == codes.count(200)
