@@ -22,6 +22,7 @@ class Breaker:
         self.errors = 0
         self._backoff = 0.0
         self._down_until = 0.0
+        self._last_error = ""
 
     @property
     def available(self) -> bool:
@@ -31,13 +32,14 @@ class Breaker:
         """Raise StoreError at once while backing off."""
         now = time.monotonic()
         if now < self._down_until:
-            raise StoreError(f"Redis unavailable, retrying in {self._down_until - now:.1f}s")
+            raise StoreError(f"Redis unavailable ({self._last_error}), retrying in {self._down_until - now:.1f}s")
 
     def failed(self, exc: BaseException) -> StoreError:
         """Record a failure (start or lengthen the backoff); returns the StoreError to raise."""
         self.errors += 1
         self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 or 0.25)
         self._down_until = time.monotonic() + self._backoff
+        self._last_error = f"{type(exc).__name__}: {exc}"  # said while backing off: why Redis is not used
         return StoreError(f"Redis: {exc}")
 
     async def run(self, call: Awaitable[T]) -> T:

@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from local_models.processes import free_port
+from local_models.processes import free_port, stop
 from tests.proxy.conftest import ADMIN, chat
 
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN}"}
@@ -111,3 +111,27 @@ async def test_a_store_down_at_shutdown_does_not_fail_the_shutdown(make_replica,
         services = a._transport.app.state.services  # type: ignore[attr-defined]
         services.cache.store.breaker.failed(ConnectionError("down"))  # Redis unavailable from here on
     assert "could not write the last uses" in caplog.text
+
+
+async def test_redis_out_of_memory_fails_open(make_client, upstream, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Redis at its maxmemory with noeviction answers every write with an OOM error: requests still succeed (the
+    answer is not stored, so the same question reaches the upstream again), and the log says why."""
+    import redis.asyncio as redis
+
+    from tests.redis_server import start_redis
+
+    process, url = start_redis(tmp_path / "redis-oom.log")
+    try:
+        async with make_client(redis_url=url, cascade_routes={}) as client:
+            admin = redis.Redis.from_url(url)
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", "1")  # every write from now on: OOM
+            answers = [await client.post("/v1/chat/completions", json=chat("What is the capital of France?"))
+                       for _ in range(2)]  # fmt: skip
+            await admin.config_set("maxmemory", "0")
+            await admin.aclose()
+        assert [a.status_code for a in answers] == [200, 200] and "Paris" in answers[1].text
+        assert len(upstream.requests) == 2  # nothing was stored: both reached the upstream
+        assert "OutOfMemoryError: command not allowed when used memory > 'maxmemory'" in caplog.text
+    finally:
+        stop(process)
