@@ -61,17 +61,11 @@ async def _merged(request: Request, current: P) -> P:
         raise from_validation(exc) from None
 
 
-def _log_change(what: str, before: BaseModel, after: BaseModel) -> None:
-    old = before.model_dump()
-    log.info("admin changed %s: %s", what, {k: v for k, v in after.model_dump().items() if old.get(k) != v})
-
-
 @router.put("/config")
 @router.patch("/config")
 async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any policy fields (the rest stay); takes effect at once, and is logged."""
     policy = await _merged(request, svc.cache.policy)
-    _log_change("cache policy", svc.cache.policy, policy)
     svc.cache.policy = policy
     await svc.publish("cache", policy, who=admin_id(svc))
     return policy.model_dump()
@@ -107,7 +101,6 @@ async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
         policy.check_models(svc.cascade.models)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="routes") from None
-    _log_change("cascade policy", svc.cascade.policy, policy)
     svc.cascade.policy = policy
     await svc.publish("cascade", policy, who=admin_id(svc))
     return await get_cascade(svc)
@@ -125,7 +118,6 @@ async def put_budgets(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any budget fields (the rest stay; `keys` is replaced whole); takes effect at once, and is logged."""
     budgets = svc.spending.budgets
     policy = await _merged(request, budgets.policy)
-    _log_change("budget policy", budgets.policy, policy)
     budgets.policy = policy
     await svc.publish("budgets", policy, who=admin_id(svc))
     return policy.model_dump()

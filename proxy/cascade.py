@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -210,12 +210,13 @@ class Cascade:
         vector, request_id = query
         if self.router is not None and vector is not None:  # every answer teaches the router
             self.router.record(name, vector, answer.confidence.score, complete, request_id)
-        if verdict.reason == "low-confidence":  # the upstream's answer will say whether it was right after all
-            result.rejected.append(LocalAnswer(answer.tier, answer.generation, answer.confidence, False))
         if verdict.accepted:
             return answer
+        ungated = replace(answer, gated=False)
+        if verdict.reason == "low-confidence":  # the upstream's answer will say whether it was right after all
+            result.rejected.append(ungated)
         if last:  # nothing to escalate to: the last local tier answers, marked as not gated (and never cached)
-            return LocalAnswer(answer.tier, answer.generation, answer.confidence, False)
+            return ungated
         self._escalate(name, verdict.reason or "rejected", result)
         return None
 

@@ -49,13 +49,14 @@ class Services:
     in_force: dict[str, dict[str, Any]] = field(default_factory=dict)  # per policy: its fields now (audit's "old")
 
     async def publish(self, name: str, policy: BaseModel, who: str = "learning") -> None:
-        """A policy changed here: the change is audited (who, the old and new values, when), the policy kept in the
-        store so that it lasts across restarts, and shared with the other replicas. Best effort: a store that is
-        down loses the record, never the change."""
+        """A policy changed here: the change is logged and audited (who, the old and new values, when), the policy
+        kept in the store so that it lasts across restarts, and shared with the other replicas. Best effort: a store
+        that is down loses the record, never the change."""
         new = policy.model_dump(mode="json")
         old = self.in_force.get(name, {})
         self.in_force[name] = new
         changed = {k: {"old": old.get(k), "new": v} for k, v in new.items() if old.get(k) != v}
+        log.info("%s changed %s policy: %s", who.split(":", 1)[0], name, {k: v["new"] for k, v in changed.items()})
         record = {"at": time.time(), "who": who, "policy": name, "changed": changed}
         kept = {"fields": new, "settings": self.configured.get(name, "")}
         try:
