@@ -23,6 +23,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -305,6 +306,55 @@ def crash(workdir: Path, rounds: int, seconds: float) -> dict[str, Any]:
             "lost": sum(r["lost"] for r in results), "wrong": sum(r["wrong"] for r in results)}  # fmt: skip
 
 
+async def fill_and_ask(url: str, data_dir: Path, filler: Path, asked: int) -> dict[str, Any]:
+    """Fill the data dir's file system but for 64 KiB, then ask `asked` new questions (their answers cannot all be
+    stored), then free the space and ask one more question twice (stored, then an exact hit)."""
+    free = os.statvfs(data_dir).f_bavail * os.statvfs(data_dir).f_frsize
+    with filler.open("wb") as out:
+        out.write(b"\0" * max(0, free - 64 * 1024))
+    statuses: dict[str, int] = {}
+    stored = 0
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for i in range(asked):
+            r = await client.post("/v1/chat/completions", json=chat(f"Disk test question {i}: " + "why? " * 40))
+            statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
+            stored += "x-cache-entry-id" in r.headers
+        disk_free_kb = os.statvfs(data_dir).f_bavail * os.statvfs(data_dir).f_frsize // 1024
+        filler.unlink()
+        after = [await client.post("/v1/chat/completions", json=chat("Asked once there is room again?"))
+                 for _ in range(2)]  # fmt: skip
+        health = (await client.get("/healthz")).status_code
+    return {"asked": asked, "statuses": statuses, "stored_while_full": stored, "free_kb_at_the_end": disk_free_kb,
+            "after_freeing": [r.headers.get("x-cache") for r in after],
+            "stored_after_freeing": "x-cache-entry-id" in after[0].headers, "healthz": health}  # fmt: skip
+
+
+def full_disk(workdir: Path, asked: int) -> dict[str, Any]:
+    """The embedded store's data dir on a small tmpfs (needs root: mount) that fills up under traffic."""
+    data_dir = workdir / "tmpfs"
+    data_dir.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(data_dir)], capture_output=True,
+                             text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        return {"skipped": f"cannot mount a tmpfs: {mounted.stderr.strip()}"}
+    try:
+        with serve_oracle(workdir, {}) as upstream:
+            proxy, url, log = start_proxy(workdir, upstream, 0.95, {"CACHECADE_DATA_DIR": str(data_dir / "data"),
+                                                                     "CACHECADE_CASCADE_ROUTES": "{}"})  # fmt: skip
+            try:
+                wait_until_up(f"{url}/readyz", proxy, log, 300)
+                result = asyncio.run(fill_and_ask(url, data_dir, data_dir / "filler", asked))
+            finally:
+                stop(proxy)
+            logged = log.read_text(errors="replace").splitlines()
+        full_lines = [line for line in logged if "disk is full" in line]
+        unhandled = sum("unhandled error" in line or "Traceback" in line for line in logged)
+        return {**result, "log_lines_disk_full": len(full_lines), "unhandled_in_log": unhandled,
+                "first_log_line": full_lines[0] if full_lines else None}  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(data_dir)], check=False)
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [f"machine: {report['machine']}"]
     if "bodies" in report:
@@ -334,16 +384,25 @@ def table(report: dict[str, Any]) -> str:
                   f"({c['lost'] / max(1, c['acknowledged']):.2%}), {c['wrong']} served for another "
                   "question"]  # fmt: skip
         lines += [f"  {r}" for r in c["rounds"]]
+    if "disk" in report:
+        d = report["disk"]
+        lines += [f"full disk: {d}" if "skipped" in d else
+                  f"full disk (8 MiB tmpfs as the data dir, filled but for 64 KiB): {d['asked']} new questions -> "
+                  f"statuses {d['statuses']}, {d['stored_while_full']} stored before the disk was full; "
+                  f"{d['log_lines_disk_full']} log lines name the full disk (first: {d['first_log_line']!r}); "
+                  f"unhandled errors in the log {d['unhandled_in_log']}; after freeing the space: "
+                  f"{d['after_freeing']} (stored: {d['stored_after_freeing']}); /healthz {d['healthz']}"]  # fmt: skip
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data")
-    parser.add_argument("--only", choices=("bodies", "tenants", "crash"))
+    parser.add_argument("--only", choices=("bodies", "tenants", "crash", "disk"))
     parser.add_argument("--crash-rounds", type=int, default=3)
     parser.add_argument("--crash-after-s", type=float, default=8.0, help="seconds of write load before kill -9")
     parser.add_argument("--probes", type=int, default=10_000)
+    parser.add_argument("--disk-questions", type=int, default=300)
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -355,7 +414,12 @@ def main() -> None:
     os.environ["ORACLE_TAG_CALLER"] = "1"  # the oracle upstream tags every answer with its caller's key
     gold = {q: f"the answer to question {i}" for i, q in enumerate(questions)}
     report: dict[str, Any] = {"machine": machine()}
-    with tempfile.TemporaryDirectory() as work, oracle_and_proxy(Path(work), gold, {}) as url:
+    with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
+        url = (
+            stack.enter_context(oracle_and_proxy(Path(work), gold, {}))
+            if args.only in (None, "bodies", "tenants")
+            else ""
+        )
         if args.only in (None, "bodies"):
             report["bodies"] = asyncio.run(bodies(url))
             say(table({"machine": "", "bodies": report["bodies"]}))
@@ -365,7 +429,12 @@ def main() -> None:
         os.environ.pop("ORACLE_TAG_CALLER")
         with tempfile.TemporaryDirectory() as work:
             report["crash"] = crash(Path(work), args.crash_rounds, args.crash_after_s)
-    write_report("hardening", report, table(report))
+    if args.only in (None, "disk"):
+        with tempfile.TemporaryDirectory() as work:
+            report["disk"] = full_disk(Path(work), args.disk_questions)
+    text = table(report)
+    print(text)
+    write_report("hardening" if args.only is None else f"hardening-{args.only}", report, text)
 
 
 if __name__ == "__main__":

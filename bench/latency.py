@@ -72,6 +72,8 @@ def start_proxy(
     env |= {"CACHECADE_UPSTREAM_BASE_URL": upstream_v1, "CACHECADE_DATA_DIR": str(data_dir),
             "CACHECADE_MODEL_CACHE_DIR": str(MODEL_CACHE), "CACHECADE_LOG_LEVEL": "warning",
             "CACHECADE_CACHE_THRESHOLD": repr(threshold), "HF_HUB_OFFLINE": "1", **extra}  # fmt: skip
+    if not upstream_v1:  # the embedded default: no upstream
+        del env["CACHECADE_UPSTREAM_BASE_URL"]
     script = Path(sys.executable).parent / "cachecade"
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
     cmd = [*launcher, "serve", "--host", "127.0.0.1", "--port", str(port)]

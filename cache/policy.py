@@ -15,7 +15,7 @@ class CachePolicy(BaseModel):
     specific one wins (namespace, then model, then the global one); a request may only make it stricter.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     exact_enabled: bool = True
     semantic_enabled: bool = True

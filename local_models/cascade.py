@@ -50,7 +50,7 @@ def parse_tier(spec: str, requested: str, upstream_model: str | None) -> Tier:
 class CascadePolicy(BaseModel):
     """Cascade behaviour that the admin API can change at run time."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     routes: dict[str, list[str]] = Field(default_factory=lambda: {DEFAULT_ROUTE: ["smollm2", "gemma3", UPSTREAM]})
     thresholds: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))

@@ -12,7 +12,11 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ValidationError
 
+from cache.policy import CachePolicy
 from cache.store import vid_from_id
+from local_models.cascade import CascadePolicy
+from proxy import openapi
+from proxy.budget import BudgetPolicy
 from proxy.errors import InvalidRequest, NotFound, Unauthorized, from_validation
 from proxy.openai_api import parse_body, read_json, services
 from proxy.services import Services
@@ -61,8 +65,8 @@ async def _merged(request: Request, current: P) -> P:
         raise from_validation(exc) from None
 
 
-@router.put("/config")
-@router.patch("/config")
+@router.put("/config", openapi_extra=openapi.body(CachePolicy, partial=True))
+@router.patch("/config", openapi_extra=openapi.body(CachePolicy, partial=True))
 async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any policy fields (the rest stay); takes effect at once, and is logged."""
     policy = await _merged(request, svc.cache.policy)
@@ -92,8 +96,8 @@ async def get_cascade(svc: Admin) -> dict[str, Any]:
             "local_models_off": svc.cascade.off}  # fmt: skip
 
 
-@router.put("/cascade")
-@router.patch("/cascade")
+@router.put("/cascade", openapi_extra=openapi.body(CascadePolicy, partial=True))
+@router.patch("/cascade", openapi_extra=openapi.body(CascadePolicy, partial=True))
 async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any cascade fields (the rest stay); routes may only name loaded local models. Logged."""
     policy = await _merged(request, svc.cascade.policy)
@@ -112,8 +116,8 @@ async def get_budgets(svc: Admin) -> dict[str, Any]:
     return svc.spending.policy.model_dump()
 
 
-@router.put("/budgets")
-@router.patch("/budgets")
+@router.put("/budgets", openapi_extra=openapi.body(BudgetPolicy, partial=True))
+@router.patch("/budgets", openapi_extra=openapi.body(BudgetPolicy, partial=True))
 async def put_budgets(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any budget fields (the rest stay; `keys` is replaced whole); takes effect at once, and is logged."""
     budgets = svc.spending.budgets
@@ -203,7 +207,7 @@ class FlushRequest(BaseModel):
     confirm: str | None = None
 
 
-@router.post("/flush")
+@router.post("/flush", openapi_extra=openapi.body(FlushRequest))
 async def flush(request: Request, svc: Admin) -> dict[str, Any]:
     """Delete every entry; needs the explicit confirmation field."""
     parsed, _ = await parse_body(request, FlushRequest)

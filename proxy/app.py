@@ -33,7 +33,7 @@ from local_models.engine import LlamaEngine
 from local_models.isolation import ChildProcessWorker
 from local_models.registry import LocalModelConfig
 from local_models.worker import ModelWorker
-from proxy import admin, health, metrics, openai_api
+from proxy import admin, health, metrics, openai_api, openapi
 from proxy.budget import BudgetPolicy, Budgets
 from proxy.cascade import Cascade
 from proxy.config import Settings
@@ -68,7 +68,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await _start(settings, embedder, upstream_transport, engines, verifier)
         app.state.services = services
-        tasks = [asyncio.create_task(_upkeep(services))]
+        tasks = [asyncio.create_task(_upkeep(services)), asyncio.create_task(metrics.metrics_of(app).watch_loop())]
         if services.follower is not None:
             tasks.append(asyncio.create_task(services.follower.run()))
         try:
@@ -88,6 +88,7 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(openai_api.router)
     app.include_router(admin.router)
+    openapi.install(app)
     return app
 
 

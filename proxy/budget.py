@@ -25,20 +25,23 @@ from proxy.errors import ProxyError
 
 log = logging.getLogger("cachecade.budget")
 Window = Literal["minute", "day", "month"]
-PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 _KEY_ID = re.compile(r"^(k-[0-9a-f]{24}|anonymous)$")
 _ABBREVIATION = {"minute": "TPM", "day": "TPD", "month": "TPMo"}
+
+
+Limit = Annotated[int, Field(strict=True, ge=1, le=2**62)]  # counted in 64-bit integers (Redis INCRBY, SQLite)
+TokenCount = Annotated[int, Field(strict=True, ge=1, le=2**31 - 1)]  # a max_tokens: a C int in llama.cpp
 
 
 class KeyLimits(BaseModel):
     """One key's limits; None = unlimited."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    tokens_per_minute: PositiveInt | None = None
-    tokens_per_day: PositiveInt | None = None
-    tokens_per_month: PositiveInt | None = None
-    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: Limit | None = None
+    tokens_per_day: Limit | None = None
+    tokens_per_month: Limit | None = None
+    requests_per_minute: Limit | None = None
 
     def token_limits(self) -> list[tuple[Window, int]]:
         windows: list[tuple[Window, int | None]] = [
@@ -55,13 +58,13 @@ class BudgetPolicy(BaseModel):
     """Limits per key id (`cachecade key-id KEY` prints a key's id; keys themselves are never stored), the
     default for keys without their own, and how decoding plans for a budget. Changeable at run time."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     keys: dict[str, KeyLimits] = Field(default_factory=dict)
     default: KeyLimits = Field(default_factory=KeyLimits)
-    clamp_factor: Annotated[float, Field(gt=0)] | None = None  # max_tokens <= factor x estimated answer length
-    clamp_min_tokens: PositiveInt = 16  # the clamp never goes below this
-    default_max_tokens: PositiveInt = 4096  # the cap of a limited key's request that sets no max_tokens
+    clamp_factor: Annotated[float, Field(gt=0, le=1000)] | None = None  # max_tokens <= factor x estimated length
+    clamp_min_tokens: TokenCount = 16  # the clamp never goes below this
+    default_max_tokens: TokenCount = 4096  # the cap of a limited key's request that sets no max_tokens
     hint_routes: list[str] = Field(default_factory=list)  # requested models whose prompts state the budget (TALE)
 
     @field_validator("keys")

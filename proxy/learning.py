@@ -50,6 +50,7 @@ from local_models.cascade import CascadePolicy
 from local_models.confidence import squad_normalise
 from proxy.context import RequestContext
 from proxy.errors import Conflict, NotFound
+from proxy.logs import Throttle
 from proxy.outcome import Outcome, Reply
 from proxy.router import Router
 from proxy.spending import without_our_fields
@@ -97,6 +98,7 @@ class Learner:
         self._day, self._day_tokens = "", 0
         self.floor = cache.policy.model_copy(deep=True)  # the thresholds configured at start: never looser
         self.stats = LearningStats()
+        self._remember_failed = Throttle()
         self.decisions: dict[str, Decision] = {}  # the last decision per scope
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -135,7 +137,7 @@ class Learner:
             await self.cache.store.remember(record, record.at + self.served_ttl_s)
         except CacheError as exc:  # best effort: an answer that cannot be remembered cannot be labelled
             self.stats.remember_errors += 1
-            log.warning("could not remember request %s for feedback: %s", record.request_id, exc)
+            self._remember_failed.warning(log, "could not remember request %s for feedback: %s", record.request_id, exc)
 
     async def drain(self) -> None:
         """Wait for the records being written (tests, shutdown)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
@@ -79,3 +80,23 @@ def configure_logging(level: str, fmt: Literal["json", "text"], stream: TextIO |
         logger.handlers = []
         logger.propagate = True
     return handler
+
+
+class Throttle:
+    """At most one line per `every_s` for a failure that repeats with every request (a full disk fails every
+    write): the first at once, each later one with the count of those left out since."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._last = -float("inf")
+        self._left_out = 0
+
+    def warning(self, logger: logging.Logger, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" ({self._left_out} more like it in the last {now - self._last:.0f} s, not logged)"
+        self._last, self._left_out = now, 0
+        logger.warning(message, *args)

@@ -5,13 +5,21 @@ Each app has its own registry (on app.state, made on first use): several apps ca
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +31,8 @@ if TYPE_CHECKING:
 
 # 1 ms .. 60 s: cache hits take milliseconds, local answers and upstream streams seconds to a minute.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LAG_EVERY_S = 0.25
 UNSET = "unset"  # a response without x-served-by / x-cache (errors before the pipeline ran)
 
 router = APIRouter()
@@ -46,7 +56,20 @@ class Metrics:
             "cachecade_upstream_errors", "Responses with status >= 500 from the upstream tier (x-served-by "
             "upstream:*, or none when no upstream is configured)", ["status"], registry=self.registry,
         )  # fmt: skip
+        self.loop_lag_seconds = Histogram(
+            "cachecade_event_loop_lag_seconds", f"How late the event loop woke a {LAG_EVERY_S:g} s sleep: time every "
+            "request waited for a step that held the loop", buckets=LAG_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_open_fds, CPU seconds
         self.registry.register(ServicesCollector(services))
+
+    async def watch_loop(self) -> None:
+        """Observe the event loop's lag every LAG_EVERY_S until cancelled (run by the app's lifespan)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LAG_EVERY_S)
+            self.loop_lag_seconds.observe(max(0.0, loop.time() - start - LAG_EVERY_S))
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""

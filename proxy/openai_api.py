@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from typing import Any, TypeVar
 
 import numpy as np
@@ -15,6 +16,7 @@ from starlette.types import Receive
 
 from cache.embedder import DEFAULT_EMBEDDER, PACKAGED_EMBEDDERS
 from cache.keys import Kind
+from proxy import openapi
 from proxy.context import SHARED, CacheDirectives, RequestContext, key_id_of, request_id_of, token_budget_of
 from proxy.errors import InvalidRequest, NotFound, PayloadTooLarge, ProxyError, RequestTimeout, from_validation
 from proxy.outcome import Reply
@@ -65,7 +67,32 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise InvalidRequest("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    if SURROGATE_ESCAPE.search(raw) and (where := lone_surrogate(body)) is not None:
+        raise InvalidRequest(f"'{where}' holds a lone UTF-16 surrogate (an escape such as \\ud800 that is not "
+                             "half of a pair): not text", param=where, code="invalid_value")  # fmt: skip
     return body
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a surrogate written as an escape: json.loads lets lone ones in
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any, path: str = "body") -> str | None:
+    """The dotted path of the first string in `value` that holds a lone surrogate (of the object, for a key that
+    does), or None."""
+    if isinstance(value, str):
+        return path if SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if SURROGATE.search(key):
+                return path
+            if (found := lone_surrogate(item, key if path == "body" else f"{path}.{key}")) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := lone_surrogate(item, f"{path}.{i}")) is not None:
+                return found
+    return None
 
 
 async def parse_body(request: Request, model: type[M]) -> tuple[M, dict[str, Any]]:
@@ -124,13 +151,13 @@ async def _generate(request: Request, kind: Kind, model: type[ChatCompletionRequ
     return response
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=openapi.body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     """Chat completions, streamed or not, answered from the cache when it can."""
     return await _generate(request, "chat", ChatCompletionRequest)
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=openapi.body(CompletionRequest))
 async def completions(request: Request) -> Response:
     """Legacy text completions, answered from the cache when it can."""
     return await _generate(request, "completion", CompletionRequest)
@@ -145,7 +172,7 @@ class Feedback(BaseModel):
     good: bool
 
 
-@router.post("/feedback")
+@router.post("/feedback", openapi_extra=openapi.body(Feedback))
 async def feedback(request: Request) -> Response:
     """Label an answer: the same API key as its request. A bad answer the cache holds is deleted at once, and a
     label on a semantic hit counts against the threshold that served it (proxy/learning.py)."""
@@ -160,7 +187,7 @@ def _is_local_embedder(name: str, svc: Services) -> bool:
     return lowered in PACKAGED_EMBEDDERS or lowered in {"cachecade/embed", svc.settings.embedder.lower()}
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", openapi_extra=openapi.body(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
     """Embeddings from the local embedder; other models are forwarded to the upstream when one is set."""
     svc = services(request)

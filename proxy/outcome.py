@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -68,7 +69,15 @@ class Outcome:
                    if ms is not None]  # fmt: skip
         if timings:  # the W3C Server-Timing header: what the cache's own steps cost this request
             out["server-timing"] = ", ".join(f"{name};dur={ms:.3f}" for name, ms in timings)
-        return out
+        return {name: header_safe(value) for name, value in out.items()}
+
+
+def header_safe(value: str) -> str:
+    """A header value from what a client sent (the model name in x-served-by): printable ASCII as it is, anything
+    else (CR, LF, non-Latin text) percent-encoded, so it can neither break the response nor inject a header."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe="".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%"))
 
 
 @dataclass(frozen=True)

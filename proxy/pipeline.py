@@ -23,6 +23,7 @@ from proxy.cascade import Budget, Cascade, CascadeResult, LocalAnswer
 from proxy.context import RequestContext
 from proxy.errors import InvalidRequest, ProxyError, ServiceUnavailable, sse_error_event
 from proxy.flights import Flight, Flights
+from proxy.logs import Throttle
 from proxy.outcome import Admission, Miss, Outcome, Reply
 from proxy.protocol import CacheOptions, ChatCompletionRequest, CompletionRequest
 from proxy.spending import Spend, SpendPlanner, upstream_usage
@@ -85,6 +86,7 @@ class CompletionPipeline:
         self.cascade = cascade
         self.spending = spending
         self._settling: set[asyncio.Task[None]] = set()
+        self._store_failed = Throttle()  # a full disk or a full Redis fails every write: one log line a minute
 
     async def run(
         self,
@@ -337,7 +339,7 @@ class CompletionPipeline:
                 self.cache.put(admission.key, payload, admission.vector, tier=tier, ttl_s=admission.ttl)
             )
         except CacheError as exc:  # an answer we could not store is still a good answer
-            log.warning("could not store answer: %s", exc)
+            self._store_failed.warning(log, "could not store answer: %s", exc)
             return None
         return entry.id
 

@@ -14,7 +14,7 @@ Probability = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
 class CacheOptions(BaseModel):
     """The body field `cache` (sent with the OpenAI SDK as extra_body={"cache": {...}})."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     namespace: Annotated[str, Field(strict=True, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")] = (
         "default"
@@ -25,7 +25,7 @@ class CacheOptions(BaseModel):
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class Message(_Lenient):

@@ -44,7 +44,23 @@ async def test_bad_config_is_rejected_and_changes_nothing(client: httpx.AsyncCli
     assert r.status_code == 400 and r.json()["error"]["param"] == "thresold"
     r = await client.put("/admin/config", json={"namespace_thresholds": {"a": 7}}, headers=AUTH)
     assert r.status_code == 400
+    raw = b'{"ttl_s": 1e400}'  # infinity: Python's json reads it so
+    r = await client.put("/admin/config", content=raw, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ttl_s"
     assert (await client.get("/admin/config", headers=AUTH)).json() == before
+
+
+async def test_budget_policy_numbers_are_bounded(client: httpx.AsyncClient) -> None:
+    """A clamp factor of 1e300 once made every later request a 500 (an infinite cap; found by bench/fuzz.py): the
+    policy's numbers are bounded where they are used as integers or multiplied."""
+    before = (await client.get("/admin/budgets", headers=AUTH)).json()
+    for field, bad in (("clamp_factor", 1e300), ("clamp_min_tokens", 2**31), ("default_max_tokens", 10**30)):
+        r = await client.put("/admin/budgets", json={field: bad}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, field
+    r = await client.put("/admin/budgets", json={"default": {"tokens_per_day": 2**63}}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "default.tokens_per_day"
+    assert (await client.get("/admin/budgets", headers=AUTH)).json() == before
+    assert (await client.post("/v1/chat/completions", json=chat("Still answered?"))).status_code == 200
 
 
 async def test_stats_count_tiers_and_tokens(client: httpx.AsyncClient) -> None:

@@ -239,8 +239,8 @@ async def test_odd_upstream_answers(client: httpx.AsyncClient, upstream: FakeUps
 
 async def test_lone_surrogate_and_deep_nesting_are_not_500(client: httpx.AsyncClient) -> None:
     surrogate = b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}'
-    ok = await client.post("/v1/chat/completions", content=surrogate, headers={"content-type": "application/json"})
-    assert ok.status_code == 200
+    refused = await client.post("/v1/chat/completions", content=surrogate, headers={"content-type": "application/json"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages.0.content"  # not text
     deep = b"[" * 100_000 + b"]" * 100_000
     r = await client.post("/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
     assert r.status_code == 400

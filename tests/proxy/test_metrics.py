@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,3 +135,18 @@ async def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
         found = await scrape(client)  # not started: only the request metrics, and none of the other app's
     assert value(found, "cachecade_upstream_errors_total", status="504") is None
     assert value(samples(metrics_of(first).render().decode()), "cachecade_upstream_errors_total", status="504") == 1
+
+
+async def test_event_loop_lag_and_process_metrics(make_client: Any) -> None:
+    """The event loop's lag is observed every 0.25 s (a step that holds the loop shows in it), next to the process'
+    resident memory and open file descriptors (bench/soak.py reads all three)."""
+    async with make_client() as client:
+        await asyncio.sleep(0.6)
+        time.sleep(0.3)  # holds the event loop on purpose
+        await asyncio.sleep(0.3)
+        found = await scrape(client)
+    lag = {le: value(found, "cachecade_event_loop_lag_seconds_bucket", le=le) or 0.0 for le in ("0.1", "0.5")}
+    assert (value(found, "cachecade_event_loop_lag_seconds_count") or 0) >= 2
+    assert lag["0.1"] < lag["0.5"]  # the 0.3 s hold: an observation above 0.1 s
+    assert (value(found, "process_resident_memory_bytes") or 0) > 50e6
+    assert (value(found, "process_open_fds") or 0) > 3

@@ -54,3 +54,17 @@ async def test_other_embedding_models_go_upstream(client: httpx.AsyncClient, ups
     r = await client.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"})
     assert r.status_code == 200 and r.headers["x-served-by"] == "upstream"
     assert upstream.requests[-1].url.path == "/v1/embeddings"
+
+
+async def test_openapi_describes_the_request_bodies(client: httpx.AsyncClient) -> None:
+    """The routes read their bodies themselves (size limit, timeout), so the schema names each body model
+    (proxy/openapi.py): clients and the fuzzer (tests/proxy/test_fuzz.py) see what to send."""
+    spec = (await client.get("/openapi.json")).json()
+    chat_body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert chat_body["schema"] == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    schemas = spec["components"]["schemas"]
+    assert {"messages", "model"} <= set(schemas["ChatCompletionRequest"]["required"])
+    assert schemas["Message"]["properties"]["role"]["enum"][:2] == ["system", "developer"]
+    patch = spec["paths"]["/admin/config"]["patch"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "threshold" in patch["properties"] and "required" not in patch  # any subset of the policy's fields
+    assert spec["paths"]["/v1/chat/completions"]["post"]["responses"]["413"]["description"]

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from local_models.processes import free_port, stop
-from tests.proxy.conftest import ADMIN, chat
+from tests.proxy.conftest import ADMIN, FakeUpstream, chat
 
 ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN}"}
 Q = "How many legs does a spider have?"
@@ -135,3 +135,30 @@ async def test_redis_out_of_memory_fails_open(make_client, upstream, tmp_path, c
         assert "OutOfMemoryError: command not allowed when used memory > 'maxmemory'" in caplog.text
     finally:
         stop(process)
+
+
+async def test_a_full_disk_fails_open(make_client, upstream: FakeUpstream, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The embedded store on a full disk (SQLite's own SQLITE_FULL, made by capping the file at its current size):
+    every request still succeeds, answers are simply not stored, the log says why; once there is room again,
+    answers are stored and served as before. bench/hardening.py does the same on a real tmpfs that fills up."""
+    upstream.answer = "A long answer. " * 40  # ~600 bytes a row: the last page fills after a few
+    async with make_client(cascade_routes={}) as client:
+        writer = client._transport.app.state.services.cache.store._writer  # type: ignore[attr-defined]
+
+        def cap(pages: int | None) -> None:
+            db = writer.db
+            limit = db.execute("PRAGMA page_count").fetchone()[0] if pages is None else pages
+            db.execute(f"PRAGMA max_page_count = {limit}")
+
+        await writer.run(cap, None)
+        full = [await client.post("/v1/chat/completions", json=chat(f"Question {i} on a full disk?"))
+                for i in range(20)]  # fmt: skip
+        again = await client.post("/v1/chat/completions", json=chat("Question 19 on a full disk?"))
+        await writer.run(cap, 1_073_741_823)  # room again
+        stored = await client.post("/v1/chat/completions", json=chat("A question with room to store it?"))
+        hit = await client.post("/v1/chat/completions", json=chat("A question with room to store it?"))
+    assert all(r.status_code == 200 and r.json()["choices"][0]["message"]["content"] for r in full)
+    assert "x-cache-entry-id" not in full[-1].headers and again.headers["x-cache"] == "MISS"
+    assert "could not store answer" in caplog.text and "database or disk is full" in caplog.text
+    assert caplog.text.count("could not store answer") == 1  # one line a minute, not one a request
+    assert "x-cache-entry-id" in stored.headers and hit.headers["x-cache"] == "HIT-EXACT"
