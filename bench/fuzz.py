@@ -30,13 +30,16 @@ from bench.hardening import descendants
 from bench.latency import start_proxy
 from bench.learning import ADMIN, serve_oracle
 from bench.soak import rss_mb
+from local_models.cascade import DEFAULT_ROUTE
 from local_models.processes import stop, wait_until_up
 
 
-def generated_requests(spec: dict[str, Any], per_operation: int, seed: int, admin_token: str) -> list[dict[str, Any]]:
+def generated_requests(spec: dict[str, Any], per_operation: int, seed: int, admin_token: str,
+                       route_share: float = 0.0) -> list[dict[str, Any]]:  # fmt: skip
     """Up to `per_operation` requests per operation of `spec` (half valid, half invalid where schemathesis can make
     invalid ones), as httpx.request keyword arguments with a path instead of a URL and a "label" (operation and
-    generation mode). Admin operations carry the admin token, nine times in ten."""
+    generation mode). Admin operations carry the admin token, nine times in ten; `route_share` of the generated
+    chat and completion bodies ask for the cascade's route (the local models) instead of the generated model name."""
     import hypothesis
     import schemathesis
     from schemathesis import GenerationMode
@@ -63,6 +66,10 @@ def generated_requests(spec: dict[str, Any], per_operation: int, seed: int, admi
                            "params": kwargs.get("params") or {}}  # fmt: skip
                 if "json" in kwargs:
                     request["json"] = kwargs["json"]
+                    body = request["json"]
+                    if operation.path.endswith("completions") and isinstance(body, dict) and rng.random() < route_share:
+                        request["json"] = {**body, "model": DEFAULT_ROUTE}
+                        request["label"] += " (local route)"
                 elif kwargs.get("data") is not None:
                     request["content"] = kwargs["data"]
                 out.append(request)
@@ -200,6 +207,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000, help="generated requests, at least")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--route-share", type=float, default=0.15,
+                        help="share of chat and completion bodies sent to the local models' route")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work, serve_oracle(Path(work), {"Hello?": "Hi."}) as upstream:
@@ -211,7 +220,7 @@ def main() -> None:
             per_operation, requests = max(2, 2 * args.requests // operations), []
             while len(requests) < args.requests:  # operations without parameters give one request: ask for more
                 started = time.monotonic()
-                requests = generated_requests(spec, per_operation, args.seed, ADMIN)
+                requests = generated_requests(spec, per_operation, args.seed, ADMIN, args.route_share)
                 say(f"fuzz: {len(requests)} requests generated for {operations} operations "
                     f"({per_operation} at most each) in {time.monotonic() - started:.0f} s")  # fmt: skip
                 per_operation = int(per_operation * 1.5)
@@ -242,6 +251,8 @@ def main() -> None:
         "unclear_4xx": [r for r in results if r["outcome"] == "4xx unclear"][:50],
         "crashes": {"proxy_exited": not alive, "workers_replaced": workers_before != workers_after},
         "unhandled_in_log": logged.count("unhandled error") + logged.count("Exception in ASGI application"),
+        "unhandled_lines": [line[:4000] for line in logged.splitlines()
+                            if "unhandled error" in line or "Exception in ASGI application" in line][:10],
         "raw_cases": raw, "rss_mb_before": rss_before, "rss_mb_after": rss_after,
         "by_operation": {k: dict(v) for k, v in sorted(by_label.items())},
     }  # fmt: skip

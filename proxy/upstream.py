@@ -85,7 +85,7 @@ class Upstream:
     async def get(self, path: str, headers: Mapping[str, str]) -> dict[str, Any]:
         """GET JSON (e.g. /models)."""
         try:
-            response = await self.client.get(self._url(path), headers=dict(headers))
+            response = await self.client.get(self._url(path), headers=_raw(headers))
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from exc
         if response.status_code >= 400:
@@ -138,5 +138,14 @@ def _json(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
 
 
-def _json_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {**headers, "content-type": "application/json"}
+def _raw(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """Headers as the client sent them: the server decoded their bytes as Latin-1, and httpx encodes str values as
+    ASCII, so a non-ASCII value (UTF-8 in an x-request-id) goes back to its bytes instead of failing the request."""
+    return [(k.encode("latin-1", "replace"), v.encode("latin-1", "replace")) for k, v in headers.items()]
+
+
+def _json_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [
+        *_raw({k: v for k, v in headers.items() if k.lower() != "content-type"}),
+        (b"content-type", b"application/json"),
+    ]

@@ -202,3 +202,14 @@ async def test_an_infinite_number_is_a_400(client: httpx.AsyncClient, upstream: 
     r = await client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400, "cache.ttl")
     assert upstream.requests == []
+
+
+async def test_non_ascii_headers_reach_the_upstream_as_sent(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    """UTF-8 in a forwarded header (x-request-id, openai-project) was a 500 on a miss: httpx refuses non-ASCII
+    str values. The upstream gets the client's bytes (found by bench/fuzz.py)."""
+    sent = {"x-request-id": "ид-😀".encode(), "openai-project": "проект".encode()}
+    r = await client.post("/v1/chat/completions", json=chat("A question never asked before?"), headers=sent)
+    assert r.status_code == 200 and r.headers["x-cache"] == "MISS"
+    forwarded = upstream.requests[-1].headers
+    assert forwarded.raw and dict(forwarded.raw)[b"openai-project"] == sent["openai-project"]
+    assert dict(forwarded.raw)[b"x-request-id"] == sent["x-request-id"]
