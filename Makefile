@@ -73,6 +73,9 @@ bench: install-dev
 	$(BIN)/python -m bench.learning --data $(DATA)
 	$(BIN)/python -m bench.learning_cascade --data $(DATA)
 	$(BIN)/python -m bench.hardening --data $(DATA)
+	$(BIN)/python -m bench.fuzz --requests 5000
+	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.soak --minutes 30
 	$(BIN)/python -m bench.latency --data $(DATA)
 	$(BIN)/python -m bench.local_tier
 	$(BIN)/python -m bench.llama_builds --threads 1 2

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -154,7 +155,9 @@ async def sampler(url: str, pid: int, tally: Tally, end: float, every_s: float, 
         previous = lag_buckets((await client.get("/metrics")).text)
         while time.monotonic() < end:
             await asyncio.sleep(min(every_s, max(0.0, end - time.monotonic())))
-            scrape = lag_buckets((await client.get("/metrics")).text)
+            text = (await client.get("/metrics")).text
+            scrape = lag_buckets(text)
+            vectors = re.search(r"^cachecade_cache_index_vectors ([\d.e+]+)$", text, re.M)
             seen = tally.take()
             workers = descendants(pid)
             samples.append({
@@ -162,6 +165,7 @@ async def sampler(url: str, pid: int, tally: Tally, end: float, every_s: float, 
                 "rss_proxy_mb": round(rss_mb(pid), 1),
                 "rss_workers_mb": round(sum(rss_mb(w) for w in workers if Path(f"/proc/{w}").exists()), 1),
                 "open_fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
+                "cached_entries": int(float(vectors.group(1))) if vectors else None,
                 "loop_lag": lag_between(previous, scrape),
                 "requests": {k: len(v) for k, v in seen.ms.items()},
                 "p50_ms": {k: round(percentile(v, 50), 1) for k, v in seen.ms.items() if v},
@@ -189,6 +193,7 @@ def window(samples: list[dict[str, Any]], first: bool, span: int) -> dict[str, A
     return {
         "from_s": part[0]["t_s"], "to_s": part[-1]["t_s"],
         "rss_proxy_mb": at["rss_proxy_mb"], "rss_workers_mb": at["rss_workers_mb"], "open_fds": at["open_fds"],
+        "cached_entries": at.get("cached_entries"),
         "loop_lag_p99_ms": max(s["loop_lag"]["p99_ms"] for s in part),
         "loop_lag_max_ms_at_most": max(s["loop_lag"]["max_ms_at_most"] for s in part),
         "requests": dict(requests), "failed": dict(failed),
@@ -202,6 +207,7 @@ def table(report: dict[str, Any]) -> str:
         ("proxy RSS (MB)", start["rss_proxy_mb"], end["rss_proxy_mb"]),
         ("model workers' RSS (MB)", start["rss_workers_mb"], end["rss_workers_mb"]),
         ("proxy open fds", start["open_fds"], end["open_fds"]),
+        ("entries in the cache (index vectors)", start["cached_entries"], end["cached_entries"]),
         ("event-loop lag p99 (ms, bucket bound)", start["loop_lag_p99_ms"], end["loop_lag_p99_ms"]),
         ("event-loop lag max (ms, at most)", start["loop_lag_max_ms_at_most"], end["loop_lag_max_ms_at_most"]),
         ("exact-hit p50 (ms)", round(start["hit_p50_ms"], 1), round(end["hit_p50_ms"], 1)),

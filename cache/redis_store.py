@@ -405,6 +405,25 @@ class RedisStore:
 
     # --- labels (cache/labels.py) -------------------------------------------------------------------------------
 
+    async def save_responses(self, items: list[tuple[str, str, str, float]]) -> None:
+        """Keep stored responses, (key_id, response_id, record, expires_at) each, in one round trip: keys that
+        expire by themselves, read by every replica."""
+        pipe = self.client.pipeline(transaction=False)
+        now = time.time()
+        for key_id, response_id, record, expires_at in items:
+            pipe.set(self._response(key_id, response_id), record, px=max(1, int((expires_at - now) * 1000)))
+        await self._run(pipe.execute())
+
+    async def load_response(self, key_id: str, response_id: str, now: float) -> str | None:
+        raw = await self._run(self.client.get(self._response(key_id, response_id)))
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def delete_response(self, key_id: str, response_id: str) -> bool:
+        return bool(await self._run(self.client.delete(self._response(key_id, response_id))))
+
+    def _response(self, key_id: str, response_id: str) -> str:
+        return f"{self.prefix}resp:{{{key_id}:{response_id}}}"
+
     def _served(self, key_id: str, request_id: str) -> str:
         return f"{self.prefix}r:{{{key_id}:{request_id}}}"
 

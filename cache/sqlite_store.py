@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS served (
     PRIMARY KEY (key_id, request_id)
 );
 CREATE INDEX IF NOT EXISTS served_expires ON served (expires_at);
+CREATE TABLE IF NOT EXISTS responses (
+    key_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    record TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key_id, id)
+);
+CREATE INDEX IF NOT EXISTS responses_expires ON responses (expires_at);
 CREATE TABLE IF NOT EXISTS labels (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     scope TEXT NOT NULL,
@@ -168,7 +176,35 @@ class SQLiteStore:
             vids = [r[0] for r in self.db.execute(f"SELECT vid FROM entries WHERE {cond}", (now,))]
             self.db.execute(f"DELETE FROM entries WHERE {cond}", (now,))
             self.db.execute("DELETE FROM served WHERE expires_at <= ?", (now,))
+            self.db.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
         return vids
+
+    # --- stored responses (the Responses API's conversation state, proxy/responses.py) --------------------------
+
+    async def save_responses(self, items: list[tuple[str, str, str, float]]) -> None:
+        """Keep stored responses, (key_id, response_id, record, expires_at) each, in one transaction."""
+
+        def write() -> None:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO responses (key_id, id, record, expires_at) VALUES "
+                                    "(?, ?, ?, ?)", items)  # fmt: skip
+
+        await self._run(write)
+
+    async def load_response(self, key_id: str, response_id: str, now: float) -> str | None:
+        """A stored response of this API key (another key's id is not found)."""
+        row = await self._run(lambda: self.db.execute(
+            "SELECT record FROM responses WHERE key_id = ? AND id = ? AND expires_at > ?",
+            (key_id, response_id, now)).fetchone())  # fmt: skip
+        return None if row is None else str(row[0])
+
+    async def delete_response(self, key_id: str, response_id: str) -> bool:
+        def delete() -> bool:
+            with self.db:
+                return bool(self.db.execute("DELETE FROM responses WHERE key_id = ? AND id = ?",
+                                            (key_id, response_id)).rowcount)  # fmt: skip
+
+        return await self._run(delete)
 
     # --- labels (cache/labels.py) -------------------------------------------------------------------------------
 

@@ -160,6 +160,20 @@ class EntryStore(Protocol):
 
     async def label_scopes(self) -> list[str]: ...
 
+    # Stored responses (proxy/responses.py): what continues a Responses API conversation, per API key.
+
+    async def save_responses(self, items: list[tuple[str, str, str, float]]) -> None:
+        """Keep stored Responses API responses: (API key id, response id, record, expires_at) each."""
+        ...
+
+    async def load_response(self, key_id: str, response_id: str, now: float) -> str | None:
+        """A stored response of this API key, or None (also for another key's id)."""
+        ...
+
+    async def delete_response(self, key_id: str, response_id: str) -> bool:
+        """Delete a stored response of this API key; False when there was none."""
+        ...
+
     # Runtime policy changes (proxy/services.py): the policy in force per name, and the audit log of changes.
 
     async def save_policy(self, name: str, record: str) -> None:

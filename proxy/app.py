@@ -33,7 +33,7 @@ from local_models.engine import LlamaEngine
 from local_models.isolation import ChildProcessWorker
 from local_models.registry import LocalModelConfig
 from local_models.worker import ModelWorker
-from proxy import admin, health, metrics, openai_api, openapi
+from proxy import admin, health, metrics, openai_api, openapi, responses_api
 from proxy.budget import BudgetPolicy, Budgets
 from proxy.cascade import Cascade
 from proxy.config import Settings
@@ -87,6 +87,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
     app.include_router(admin.router)
     openapi.install(app)
     return app
@@ -272,6 +273,7 @@ async def restore_policies(services: Services) -> None:
 
 async def _stop(services: Services) -> None:
     await services.learner.drain()  # records for feedback still being written
+    await services.responses.flush()  # stored responses not yet written
     if services.cascade.router is not None:
         await services.cascade.router.sync()  # the router's last answers and labels (it logs a store that is down)
     try:

@@ -53,6 +53,15 @@ class Settings(BaseSettings):
         None, description="key sent upstream; when unset the caller's Authorization header is passed through"
     )
     upstream_timeout_s: float = Field(300.0, gt=0, description="read timeout for upstream answers")
+    responses_mode: Literal["auto", "native", "bridge"] = Field(
+        "auto",
+        description="POST /v1/responses: bridge answers every request through the chat pipeline (the upstream's "
+        "chat completions); native passes requests the bridge cannot express (built-in tools, file inputs, an "
+        "upstream's own response ids) through to the upstream's /responses; auto asks the upstream once whether it "
+        "speaks the Responses API and remembers",
+    )
+    responses_ttl_s: float = Field(30 * 24 * 3600.0, gt=0, description="how long a stored response (store: true) "
+                                   "can be continued (previous_response_id) and read back")  # fmt: skip
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     upstream_max_connections: int = Field(100, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body accepted (413 above, "

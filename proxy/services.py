@@ -19,6 +19,7 @@ from proxy.cascade import Cascade
 from proxy.config import Settings
 from proxy.learning import Learner
 from proxy.pipeline import CompletionPipeline
+from proxy.responses import StoredResponses
 from proxy.spending import SpendPlanner
 from proxy.upstream import Upstream
 
@@ -44,9 +45,13 @@ class Services:
     spending: SpendPlanner
     learner: Learner
     follower: Follower | None = None  # with the Redis store: keeps the index and policies in step
+    responses: StoredResponses = field(init=False)  # the Responses API's stored responses (proxy/responses.py)
     started_at: float = field(default_factory=time.time)
     configured: dict[str, str] = field(default_factory=dict)  # per policy: the fingerprint of what settings gave
     in_force: dict[str, dict[str, Any]] = field(default_factory=dict)  # per policy: its fields now (audit's "old")
+
+    def __post_init__(self) -> None:
+        self.responses = StoredResponses(self.cache.store, self.settings.responses_ttl_s)
 
     async def publish(self, name: str, policy: BaseModel, who: str = "learning") -> None:
         """A policy changed here: the change is logged and audited (who, the old and new values, when), the policy

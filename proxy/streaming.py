@@ -79,6 +79,29 @@ class _Choice:
     finish_reason: str | None = None
 
 
+class SSEParser:
+    """Splits SSE bytes (any split) into the data of each event."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of every event that `chunk` completes."""
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        events = []
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line:
+                data, self._data = b"\n".join(self._data), []
+                if data:
+                    events.append(data)
+            elif line.startswith(b"data:"):
+                self._data.append(line[5:].lstrip(b" "))
+        return events
+
+
 class StreamAccumulator:
     """Reads SSE bytes as they pass through and rebuilds the complete response.
 
@@ -92,8 +115,7 @@ class StreamAccumulator:
         self.choices: dict[int, _Choice] = {}
         self.done = False
         self.failed = False
-        self._buffer = b""
-        self._data: list[bytes] = []
+        self._parser = SSEParser()
 
     @property
     def complete(self) -> bool:
@@ -101,28 +123,21 @@ class StreamAccumulator:
 
     def feed(self, chunk: bytes) -> None:
         """Take the next bytes of the stream (any split)."""
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if not line:
-                self._end_event()
-            elif line.startswith(b"data:"):
-                self._data.append(line[5:].lstrip(b" "))
+        for data in self._parser.feed(chunk):
+            self.take_data(data)
 
-    def _end_event(self) -> None:
-        data, self._data = b"\n".join(self._data), []
-        if not data:
-            return
+    def take_data(self, data: bytes) -> Any:
+        """Take one event's data; returns the parsed event (None for [DONE] or data that is not JSON)."""
         if data.strip() == b"[DONE]":
             self.done = True
-            return
+            return None
         try:
             event = json.loads(data)
         except ValueError:
             self.failed = True
-            return
+            return None
         self._take(event)
+        return event
 
     def _take(self, event: Any) -> None:
         if not isinstance(event, dict) or "error" in event:

@@ -32,6 +32,7 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.client = client
+        self._speaks_responses: bool | None = None
 
     @classmethod
     def create(
@@ -51,6 +52,18 @@ class Upstream:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
         return cls(base_url, api_key, client)
+
+    async def speaks_responses(self, headers: Mapping[str, str]) -> bool:
+        """Whether the upstream has a Responses API, asked once (an empty POST /responses: a 404 or 405 means no;
+        a 400 for the missing fields means yes) and remembered; unreachable means no, asked again next time."""
+        if self._speaks_responses is None:
+            try:
+                response = await self.client.post(self._url("responses"), content=b"{}",
+                                                  headers=_json_headers(headers))  # fmt: skip
+            except httpx.HTTPError:
+                return False
+            self._speaks_responses = response.status_code not in (404, 405, 501)
+        return self._speaks_responses
 
     def headers(self, incoming: Mapping[str, str]) -> dict[str, str]:
         """Headers for the upstream: the configured key, else the caller's own Authorization."""

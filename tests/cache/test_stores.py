@@ -260,3 +260,18 @@ async def test_runtime_policies_and_the_audit_log(store: EntryStore) -> None:
         await store.append_audit(f"r{i}", keep=3)
     assert await store.audit(10) == ["r4", "r3", "r2"]  # newest first, the newest `keep` kept
     assert await store.audit(1) == ["r4"]
+
+
+async def test_stored_responses_per_key_with_expiry(store: EntryStore) -> None:
+    """The Responses API's stored responses: per API key (another key's id is not found), until their expiry,
+    deletable."""
+    record = '{"response": {"id": "resp_1"}, "messages": [{"role": "user", "content": "Ünïcode ✓"}]}'
+    await store.save_responses([("k-a", "resp_1", record, time.time() + HOUR),
+                                ("k-a", "resp_old", record, time.time() + 0.3)])  # fmt: skip
+    assert await store.load_response("k-a", "resp_1", time.time()) == record
+    assert await store.load_response("k-b", "resp_1", time.time()) is None
+    assert await store.delete_response("k-b", "resp_1") is False
+    time.sleep(0.4)
+    assert await store.load_response("k-a", "resp_old", time.time()) is None
+    assert await store.delete_response("k-a", "resp_1") is True
+    assert await store.load_response("k-a", "resp_1", time.time()) is None

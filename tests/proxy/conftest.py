@@ -56,6 +56,8 @@ class FakeUpstream:
         self.requests.append(request)
         if self.handler is not None:
             return self.handler(request)
+        if "/responses" in request.url.path:  # a server that speaks chat completions only
+            return httpx.Response(404, json={"error": {"message": "Not Found"}})
         if request.url.path.endswith("/models"):
             return httpx.Response(200, json={"object": "list", "data": [{"id": "up-model", "object": "model"}]})
         body = json.loads(request.content)

@@ -1,0 +1,419 @@
+"""The Responses API at the edge: a `POST /v1/responses` request is translated into the chat request it means (the
+same pipeline answers it: exact and semantic cache, verifier, local cascade, budgets, single flight, learning), and
+the chat answer is re-encoded as a Response object or, streamed, as the Responses event sequence. A question asked
+through one API is therefore a cache hit through the other.
+
+What the translation keeps: `instructions` (a system message first), `input` as text or items (messages with text
+or image parts, earlier `function_call` items and their `function_call_output`), `max_output_tokens`,
+`temperature`, `top_p`, `text.format` (JSON schema or JSON object), function `tools` and `tool_choice`,
+`parallel_tool_calls`, `user`; other unknown fields pass through to the chat request. What it cannot express (built-in
+tools such as web search, file inputs, item references) is a 400 naming the field, unless the upstream speaks the
+Responses API itself (proxy/openai_api.py passes those requests through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from cache.errors import CacheError
+from cache.store import EntryStore
+from proxy.errors import InvalidRequest, ProxyError, to_proxy_error
+from proxy.logs import Throttle
+from proxy.protocol import CacheOptions, Probability
+from proxy.streaming import SSEParser, StreamAccumulator
+
+log = logging.getLogger("cachecade.responses")
+# Responses-only fields that mean nothing to a chat upstream: never forwarded.
+_NOT_FORWARDED = {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "store",
+                  "previous_response_id", "metadata", "stream", "truncation", "include", "background", "reasoning",
+                  "conversation", "prompt", "prompt_cache_key", "safety_identifier", "service_tier", "max_tool_calls",
+                  "top_logprobs", "stream_options"}  # fmt: skip
+_CHAT_FIELDS = ("temperature", "top_p", "user", "parallel_tool_calls", "cache", "token_budget", "seed", "stop")
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses: the fields read here; the rest pass through (see the module docstring)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    model: Annotated[str, Field(strict=True, min_length=1)]
+    input: StrictStr | list[dict[str, Any]]
+    instructions: StrictStr | None = None
+    max_output_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
+    temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] | None = None
+    top_p: Probability | None = None
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    metadata: dict[str, StrictStr] | None = None
+    store: StrictBool = True
+    previous_response_id: Annotated[str, Field(strict=True, min_length=1, max_length=128)] | None = None
+    user: StrictStr | None = None
+    stream: StrictBool = False
+    cache: CacheOptions | None = None
+    token_budget: Annotated[int, Field(strict=True, ge=1)] | None = None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{os.urandom(16).hex()}"
+
+
+def bridgeable(request: ResponsesRequest) -> str | None:
+    """Why the request cannot be expressed as a chat request (the field, for a 400 or a pass-through), or None."""
+    for i, tool in enumerate(request.tools or []):
+        if tool.get("type") != "function":
+            return f"tools.{i}.type"
+    if isinstance(request.input, list):
+        for i, item in enumerate(request.input):
+            kind = item.get("type", "message")
+            if kind not in ("message", "function_call", "function_call_output", "reasoning"):
+                return f"input.{i}.type"
+            content = item.get("content")
+            for j, part in enumerate(content if isinstance(content, list) else []):
+                if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "input_image",
+                                                                          "text", "refusal"):  # fmt: skip
+                    return f"input.{i}.content.{j}.type"
+    extra = request.model_extra or {}
+    for name in ("background", "conversation", "prompt"):
+        if extra.get(name):
+            return name
+    return None
+
+
+def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content for chat: text as a string (one text part is the same string, so that chat and
+    Responses requests for the same question share a cache entry), images as image_url parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"'{where}' must be a string or a list of content parts", param=where)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind in ("input_text", "output_text", "text", "refusal"):
+            text = part.get("text", part.get("refusal"))
+            if not isinstance(text, str):
+                raise InvalidRequest(f"'{where}.{j}.text' must be a string", param=f"{where}.{j}.text")
+            parts.append({"type": "text", "text": text})
+        elif kind == "input_image":
+            url = part.get("image_url") or part.get("file_id")
+            if not isinstance(url, str):
+                raise InvalidRequest(f"'{where}.{j}.image_url' must be a URL", param=f"{where}.{j}.image_url")
+            parts.append({"type": "image_url", "image_url": {"url": url, "detail": part.get("detail", "auto")}})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Responses input items as chat messages (consecutive function calls become one assistant turn)."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise InvalidRequest(f"'input.{i}.role' must be user, assistant, system or developer",
+                                     param=f"input.{i}.role")  # fmt: skip
+            messages.append({"role": role, "content": _content(item.get("content"), f"input.{i}.content")})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}  # fmt: skip
+            if not all(isinstance(v, str) for v in (call["id"], item.get("name"), item.get("arguments", ""))):
+                raise InvalidRequest(f"'input.{i}' needs call_id, name and arguments as strings", param=f"input.{i}")
+            last = messages[-1] if messages else None
+            if last and last["role"] == "assistant" and last.get("tool_calls") and last.get("content") is None:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(item.get("call_id"), str):
+                raise InvalidRequest(f"'input.{i}.call_id' must be a string", param=f"input.{i}.call_id")
+            text = output if isinstance(output, str) else json.dumps(output)
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
+        # reasoning items carry nothing a chat upstream can take: left out
+    return messages
+
+
+def chat_body(request: ResponsesRequest, body: Mapping[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chat request that `request` means, after `history` (the stored conversation it continues)."""
+    messages = [{"role": "system", "content": request.instructions}] if request.instructions else []
+    messages += history + input_messages(request.input)
+    chat: dict[str, Any] = {k: v for k, v in body.items() if k not in _NOT_FORWARDED and k not in ("model",)}
+    chat |= {"model": request.model, "messages": messages, "stream": request.stream}
+    for name in _CHAT_FIELDS:
+        if name in body:
+            chat[name] = body[name]
+    if request.stream:
+        chat["stream_options"] = {"include_usage": True}
+    if request.max_output_tokens is not None:
+        chat["max_tokens"] = request.max_output_tokens
+    if request.tools:
+        chat["tools"] = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters",
+                          "strict") if k in t}} for t in request.tools]  # fmt: skip
+    if isinstance(request.tool_choice, dict):
+        chosen = request.tool_choice.get("name")
+        chat["tool_choice"] = {"type": "function", "function": {"name": chosen}} if chosen else request.tool_choice
+    elif request.tool_choice is not None:
+        chat["tool_choice"] = request.tool_choice
+    fmt = (request.text or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        chat["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        chat["response_format"] = {"type": "json_object"}
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort"):
+        chat["reasoning_effort"] = reasoning["effort"]
+    return chat
+
+
+# --- re-encoding ---------------------------------------------------------------------------------------------------
+
+
+def _usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not usage:
+        return None
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": int(usage.get("total_tokens") or prompt + completion)}  # fmt: skip
+
+
+class Shell:
+    """What every Response object of one request repeats: its id, the request's settings, and how it ended."""
+
+    def __init__(self, request: ResponsesRequest, response_id: str | None = None) -> None:
+        self.request = request
+        self.id = response_id or new_id("resp")
+        self.created_at = int(time.time())
+
+    def render(self, status: str, output: list[dict[str, Any]], usage: Mapping[str, Any] | None = None,
+               model: str | None = None, error: dict[str, Any] | None = None,
+               incomplete: str | None = None) -> dict[str, Any]:  # fmt: skip
+        r = self.request
+        fmt = (r.text or {}).get("format") or {"type": "text"}
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "error": error, "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "instructions": r.instructions, "max_output_tokens": r.max_output_tokens, "model": model or r.model,
+            "output": output, "parallel_tool_calls": r.parallel_tool_calls is not False,
+            "previous_response_id": r.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": r.store, "temperature": r.temperature if r.temperature is not None else 1.0,
+            "text": {"format": fmt}, "tool_choice": r.tool_choice if r.tool_choice is not None else "auto",
+            "tools": [{**t, "strict": t.get("strict", True)} for t in r.tools or []],
+            "top_p": r.top_p if r.top_p is not None else 1.0, "truncation": "disabled", "usage": _usage(usage),
+            "user": r.user, "metadata": r.metadata or {},
+        }  # fmt: skip
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [part]}
+
+
+def _call_item(item_id: str, call: Mapping[str, Any], status: str = "completed") -> dict[str, Any]:
+    function = call.get("function") or {}
+    return {"type": "function_call", "id": item_id, "call_id": call.get("id") or new_id("call"),
+            "name": function.get("name", ""), "arguments": function.get("arguments", ""), "status": status}  # fmt: skip
+
+
+def _ending(finish: str | None) -> tuple[str, str | None]:
+    """(status, incomplete reason) from a chat finish_reason."""
+    if finish == "length":
+        return "incomplete", "max_output_tokens"
+    if finish == "content_filter":
+        return "incomplete", "content_filter"
+    return "completed", None
+
+
+def to_response(chat: Mapping[str, Any], shell: Shell) -> dict[str, Any]:
+    """A chat.completion as a Response object."""
+    choice = (chat.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    output: list[dict[str, Any]] = []
+    if isinstance(message.get("content"), str) and (message["content"] or not message.get("tool_calls")):
+        output.append(_message_item(new_id("msg"), message["content"]))
+    output += [_call_item(new_id("fc"), call) for call in message.get("tool_calls") or []]
+    status, incomplete = _ending(choice.get("finish_reason"))
+    return shell.render(status, output, chat.get("usage"), chat.get("model"), incomplete=incomplete)
+
+
+def answer_messages(response: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A Response's output as the chat messages that continue its conversation."""
+    return input_messages([item for item in response.get("output") or [] if item.get("type") != "reasoning"])
+
+
+# --- streaming -----------------------------------------------------------------------------------------------------
+
+
+class EventWriter:
+    """Responses SSE events with their sequence numbers."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def __call__(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+async def stream_response(chat_stream: AsyncIterator[bytes], shell: Shell,
+                          on_complete: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+                          ) -> AsyncIterator[bytes]:  # fmt: skip
+    """A chat.completion.chunk stream (from the upstream, a local model or a cache replay) as the Responses event
+    sequence. An error event, or a stream that ends before [DONE], ends it with `response.failed`; `on_complete` gets
+    the final Response object of a stream that completed (to keep the conversation)."""
+    event = EventWriter()
+    parser, accumulator = SSEParser(), StreamAccumulator("chat")
+    output: list[dict[str, Any]] = []
+    text_item: dict[str, Any] | None = None
+    calls: dict[int, dict[str, Any]] = {}  # tool call index -> its item (and output index)
+    yield event("response.created", response=shell.render("in_progress", []))
+    yield event("response.in_progress", response=shell.render("in_progress", []))
+    failure: ProxyError | None = None
+    try:
+        async for chunk in chat_stream:
+            for data in parser.feed(chunk):
+                parsed = accumulator.take_data(data)
+                if isinstance(parsed, dict) and "error" in parsed:
+                    error = parsed["error"] if isinstance(parsed["error"], dict) else {"message": str(parsed["error"])}
+                    failure = ProxyError(str(error.get("message") or "the answer failed"), code=error.get("code"))
+                    break
+                for choice in (parsed or {}).get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
+                    if isinstance(text, str) and text:
+                        if text_item is None:
+                            text_item = _message_item(new_id("msg"), "", "in_progress")
+                            text_item["content"] = []
+                            output.append(text_item)
+                            index = len(output) - 1
+                            yield event("response.output_item.added", output_index=index, item=text_item)
+                            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                            yield event("response.content_part.added", item_id=text_item["id"], output_index=index,
+                                        content_index=0, part=part)  # fmt: skip
+                        yield event("response.output_text.delta", item_id=text_item["id"],
+                                    output_index=output.index(text_item), content_index=0, delta=text,
+                                    logprobs=[])  # fmt: skip
+                    for position, call in enumerate(delta.get("tool_calls") or []):
+                        slot = int(call.get("index", position))
+                        function = call.get("function") or {}
+                        if slot not in calls:
+                            item = _call_item(new_id("fc"), {"id": call.get("id"), "function": {
+                                "name": function.get("name", ""), "arguments": ""}}, "in_progress")  # fmt: skip
+                            output.append(item)
+                            calls[slot] = item
+                            yield event("response.output_item.added", output_index=len(output) - 1, item=item)
+                        if function.get("arguments"):
+                            item = calls[slot]
+                            item["arguments"] += function["arguments"]
+                            yield event("response.function_call_arguments.delta", item_id=item["id"],
+                                        output_index=output.index(item), delta=function["arguments"])  # fmt: skip
+            if failure is not None:
+                break
+    except Exception as exc:  # a failure inside the pipeline's stream: reported as the stream's end
+        failure = to_proxy_error(exc)
+    if failure is None and not accumulator.complete:
+        failure = ProxyError("the answer's stream ended before it was complete", code="stream_incomplete")
+    if failure is not None:
+        error = {"code": failure.code or "server_error", "message": failure.message}
+        yield event("error", code=error["code"], message=error["message"], param=failure.param)
+        yield event("response.failed", response=shell.render("failed", output, error=error))
+        return
+    final = accumulator.response()
+    choice = (final.get("choices") or [{}])[0]
+    for index, item in enumerate(output):
+        if item is text_item:
+            text = str((choice.get("message") or {}).get("content") or "")
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                        text=text, logprobs=[])  # fmt: skip
+            yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                        part=part)  # fmt: skip
+            item.update(status="completed", content=[part])
+        else:
+            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        name=item["name"], arguments=item["arguments"])  # fmt: skip
+            item["status"] = "completed"
+        yield event("response.output_item.done", output_index=index, item=item)
+    status, incomplete = _ending(choice.get("finish_reason"))
+    response = shell.render(status, output, final.get("usage"), final.get("model"), incomplete=incomplete)
+    if on_complete is not None:  # before the last event: a client that continues at once finds it kept
+        await on_complete(response)
+    yield event("response.completed" if status == "completed" else "response.incomplete", response=response)
+
+
+# --- stored responses ----------------------------------------------------------------------------------------------
+
+
+class StoredResponses:
+    """The responses kept for `previous_response_id` and GET / DELETE, per API key, written to the store in batches
+    (one transaction or round trip every `every_s`): keeping one costs a request almost nothing. Reads look at the
+    batch not yet written first, so a request that continues a response always finds it; a crash loses at most the
+    last `every_s` of them (their answers were already sent)."""
+
+    def __init__(self, store: EntryStore, ttl_s: float, every_s: float = 0.1) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.every_s = every_s
+        # (key id, response id) -> (response, turns, expires_at): serialised when written, off the request's path
+        self._pending: dict[tuple[str, str], tuple[Mapping[str, Any], list[dict[str, Any]], float]] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._failed = Throttle()
+
+    def keep(self, key_id: str, response_id: str, response: Mapping[str, Any], turns: list[dict[str, Any]]) -> None:
+        """Keep a response with the conversation it ends (`turns`: its input after the history it continued)."""
+        self._pending[(key_id, response_id)] = (response, turns, time.time() + self.ttl_s)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_soon())
+
+    async def _write_soon(self) -> None:
+        await asyncio.sleep(self.every_s)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is pending now (also at shutdown)."""
+        batch, self._pending = self._pending, {}
+        if batch:
+            try:
+                items = [(k, r, orjson.dumps(_record(response, turns)).decode(), at)
+                         for (k, r), (response, turns, at) in batch.items()]  # fmt: skip
+                await self.store.save_responses(items)
+            except CacheError as exc:  # best effort, like the cache: the answers stand without them
+                self._failed.warning(log, "could not keep %d stored responses: %s", len(batch), exc)
+
+    async def load(self, key_id: str, response_id: str) -> dict[str, Any] | None:
+        """A stored response of this key ({"response", "messages"}), or None (another key's id too)."""
+        now = time.time()
+        pending = self._pending.get((key_id, response_id))
+        if pending is not None:
+            return _record(pending[0], pending[1]) if pending[2] > now else None
+        record = await self.store.load_response(key_id, response_id, now)
+        return None if record is None else dict(json.loads(record))
+
+    async def delete(self, key_id: str, response_id: str) -> bool:
+        pending = self._pending.pop((key_id, response_id), None)
+        return await self.store.delete_response(key_id, response_id) or pending is not None
+
+
+def _record(response: Mapping[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """What is kept of a response: the object (GET) and the conversation it ends (previous_response_id)."""
+    return {"response": response, "messages": turns + answer_messages(response)}
