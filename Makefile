@@ -76,6 +76,9 @@ bench: install-dev
 	$(BIN)/python -m bench.fuzz --requests 5000
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.soak --minutes 30
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q wrk; }
+	$(BIN)/python -m bench.responses
 	$(BIN)/python -m bench.latency --data $(DATA)
 	$(BIN)/python -m bench.local_tier
 	$(BIN)/python -m bench.llama_builds --threads 1 2

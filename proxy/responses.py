@@ -365,24 +365,30 @@ async def stream_response(chat_stream: AsyncIterator[bytes], shell: Shell,
 
 
 class StoredResponses:
-    """The responses kept for `previous_response_id` and GET / DELETE, per API key, written to the store in batches
-    (one transaction or round trip every `every_s`): keeping one costs a request almost nothing. Reads look at the
-    batch not yet written first, so a request that continues a response always finds it; a crash loses at most the
-    last `every_s` of them (their answers were already sent)."""
+    """The responses kept for `previous_response_id` and GET / DELETE, per API key. In a store of this process's own
+    (SQLite) they are written in batches (one transaction every `every_s`): keeping one costs a request almost
+    nothing, reads look at the batch not yet written first, so a request that continues a response always finds
+    it, and a crash loses at most the last `every_s` of them (their answers were already sent). In a shared store
+    (Redis) each is written before its response is sent, so that a request continuing it on another replica finds
+    it."""
 
-    def __init__(self, store: EntryStore, ttl_s: float, every_s: float = 0.1) -> None:
+    def __init__(self, store: EntryStore, ttl_s: float, shared: bool, every_s: float = 0.1) -> None:
         self.store = store
         self.ttl_s = ttl_s
+        self.shared = shared
         self.every_s = every_s
         # (key id, response id) -> (response, turns, expires_at): serialised when written, off the request's path
         self._pending: dict[tuple[str, str], tuple[Mapping[str, Any], list[dict[str, Any]], float]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._failed = Throttle()
 
-    def keep(self, key_id: str, response_id: str, response: Mapping[str, Any], turns: list[dict[str, Any]]) -> None:
+    async def keep(self, key_id: str, response_id: str, response: Mapping[str, Any], turns: list[dict[str, Any]]
+                   ) -> None:  # fmt: skip
         """Keep a response with the conversation it ends (`turns`: its input after the history it continued)."""
         self._pending[(key_id, response_id)] = (response, turns, time.time() + self.ttl_s)
-        if self._writer is None or self._writer.done():
+        if self.shared:
+            await self.flush()
+        elif self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_soon())
 
     async def _write_soon(self) -> None:
@@ -394,7 +400,7 @@ class StoredResponses:
         batch, self._pending = self._pending, {}
         if batch:
             try:
-                items = [(k, r, orjson.dumps(_record(response, turns)).decode(), at)
+                items = [(k, r, _encode(_record(response, turns)), at)
                          for (k, r), (response, turns, at) in batch.items()]  # fmt: skip
                 await self.store.save_responses(items)
             except CacheError as exc:  # best effort, like the cache: the answers stand without them
@@ -417,3 +423,11 @@ class StoredResponses:
 def _record(response: Mapping[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]:
     """What is kept of a response: the object (GET) and the conversation it ends (previous_response_id)."""
     return {"response": response, "messages": turns + answer_messages(response)}
+
+
+def _encode(record: dict[str, Any]) -> str:
+    """orjson, or the json module for what orjson cannot encode (an integer over 64 bits)."""
+    try:
+        return orjson.dumps(record).decode()
+    except TypeError:
+        return json.dumps(record)

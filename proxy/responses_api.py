@@ -5,7 +5,6 @@ live in proxy/responses.py."""
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,15 +29,16 @@ from proxy.responses import (
 )
 from proxy.services import Services
 
-log = logging.getLogger("cachecade.responses")
-
 
 class FastJSON(JSONResponse):
     """A Response object encoded by orjson (it is several times the size of a chat completion; a NaN an upstream
-    sent in it becomes null)."""
+    sent in it becomes null); what orjson cannot encode (an integer over 64 bits) falls back to the json module."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        try:
+            return orjson.dumps(content)
+        except TypeError:
+            return UpstreamJSON.render(self, content)  # type: ignore[arg-type]
 
 
 router = APIRouter(prefix="/v1")
@@ -108,7 +108,7 @@ async def create_response(request: Request) -> Response:
 
     async def keep(response: dict[str, Any]) -> None:
         if parsed.store:
-            svc.responses.keep(ctx.key_id, shell.id, response, turns)
+            await svc.responses.keep(ctx.key_id, shell.id, response, turns)
 
     headers = reply.outcome.headers()
     if reply.stream is not None:

@@ -51,7 +51,7 @@ class Services:
     in_force: dict[str, dict[str, Any]] = field(default_factory=dict)  # per policy: its fields now (audit's "old")
 
     def __post_init__(self) -> None:
-        self.responses = StoredResponses(self.cache.store, self.settings.responses_ttl_s)
+        self.responses = StoredResponses(self.cache.store, self.settings.responses_ttl_s, self.follower is not None)
 
     async def publish(self, name: str, policy: BaseModel, who: str = "learning") -> None:
         """A policy changed here: the change is logged and audited (who, the old and new values, when), the policy

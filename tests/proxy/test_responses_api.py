@@ -208,3 +208,15 @@ async def test_requests_the_bridge_cannot_express_pass_through_to_an_upstream_th
     passed = [json.loads(r.content) for r in upstream.requests if r.url.path.endswith("/responses")]
     assert passed[0] == {} and passed[1]["tools"] == [{"type": "web_search"}]  # the probe, then the request as sent
     assert plain.headers["x-cache"] == "MISS" and plain.json()["output"][0]["content"][0]["text"] == upstream.answer
+
+
+async def test_a_conversation_continues_on_another_replica(make_replica, upstream: FakeUpstream) -> None:  # type: ignore[no-untyped-def]
+    """On Redis a stored response is written before its answer is sent: the next turn may reach any replica."""
+    async with make_replica("a") as a, make_replica("b") as b:
+        first = await sdk(a).responses.create(model="up-model", input=Q)
+        second = await sdk(b).responses.create(model="up-model", input="And Spain?", previous_response_id=first.id)
+        fetched = await sdk(b).responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError):
+            await sdk(b, "sk-test-b").responses.retrieve(first.id)
+    assert second.previous_response_id == first.id and fetched.output_text == first.output_text
+    assert [m["role"] for m in upstream_chat_bodies(upstream)[1]["messages"]] == ["user", "assistant", "user"]
