@@ -36,7 +36,7 @@ log = logging.getLogger("cachecade.responses")
 _NOT_FORWARDED = {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "store",
                   "previous_response_id", "metadata", "stream", "truncation", "include", "background", "reasoning",
                   "conversation", "prompt", "prompt_cache_key", "safety_identifier", "service_tier", "max_tool_calls",
-                  "top_logprobs", "stream_options"}  # fmt: skip
+                  "top_logprobs", "stream_options", "n"}  # fmt: skip
 _CHAT_FIELDS = ("temperature", "top_p", "user", "parallel_tool_calls", "cache", "token_budget", "seed", "stop")
 
 
@@ -73,6 +73,17 @@ def bridgeable(request: ResponsesRequest) -> str | None:
     for i, tool in enumerate(request.tools or []):
         if tool.get("type") != "function":
             return f"tools.{i}.type"
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            return f"tools.{i}.name"
+        if not isinstance(tool.get("parameters", {}), dict | None):
+            return f"tools.{i}.parameters"
+    choice = request.tool_choice
+    if isinstance(choice, dict) and (choice.get("type") != "function" or not isinstance(choice.get("name"), str)):
+        return "tool_choice"
+    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+        return "tool_choice"
+    if request.text is not None and not isinstance(request.text.get("format", {}), dict):
+        return "text.format"
     if isinstance(request.input, list):
         for i, item in enumerate(request.input):
             kind = item.get("type", "message")
@@ -83,6 +94,8 @@ def bridgeable(request: ResponsesRequest) -> str | None:
                 if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "input_image",
                                                                           "text", "refusal"):  # fmt: skip
                     return f"input.{i}.content.{j}.type"
+                if part.get("type") == "input_image" and not part.get("image_url"):
+                    return f"input.{i}.content.{j}.file_id"  # a file the upstream holds: not a URL chat can take
     extra = request.model_extra or {}
     for name in ("background", "conversation", "prompt"):
         if extra.get(name):
@@ -106,7 +119,7 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
                 raise InvalidRequest(f"'{where}.{j}.text' must be a string", param=f"{where}.{j}.text")
             parts.append({"type": "text", "text": text})
         elif kind == "input_image":
-            url = part.get("image_url") or part.get("file_id")
+            url = part.get("image_url")
             if not isinstance(url, str):
                 raise InvalidRequest(f"'{where}.{j}.image_url' must be a URL", param=f"{where}.{j}.image_url")
             parts.append({"type": "image_url", "image_url": {"url": url, "detail": part.get("detail", "auto")}})
@@ -142,6 +155,8 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             output = item.get("output")
             if not isinstance(item.get("call_id"), str):
                 raise InvalidRequest(f"'input.{i}.call_id' must be a string", param=f"input.{i}.call_id")
+            if isinstance(output, list):  # content parts: their text (bridgeable() let only text parts through)
+                output = "".join(str(p.get("text", "")) for p in output if isinstance(p, dict))
             text = output if isinstance(output, str) else json.dumps(output)
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
         # reasoning items carry nothing a chat upstream can take: left out
@@ -190,7 +205,8 @@ def _usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": completion,
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": int(usage.get("total_tokens") or prompt + completion)}  # fmt: skip
 
@@ -216,7 +232,7 @@ class Shell:
             "previous_response_id": r.previous_response_id, "reasoning": {"effort": None, "summary": None},
             "store": r.store, "temperature": r.temperature if r.temperature is not None else 1.0,
             "text": {"format": fmt}, "tool_choice": r.tool_choice if r.tool_choice is not None else "auto",
-            "tools": [{**t, "strict": t.get("strict", True)} for t in r.tools or []],
+            "tools": [{**t, "strict": t.get("strict")} for t in r.tools or []],
             "top_p": r.top_p if r.top_p is not None else 1.0, "truncation": "disabled", "usage": _usage(usage),
             "user": r.user, "metadata": r.metadata or {},
         }  # fmt: skip
@@ -230,7 +246,8 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict[st
 def _call_item(item_id: str, call: Mapping[str, Any], status: str = "completed") -> dict[str, Any]:
     function = call.get("function") or {}
     return {"type": "function_call", "id": item_id, "call_id": call.get("id") or new_id("call"),
-            "name": function.get("name", ""), "arguments": function.get("arguments", ""), "status": status}  # fmt: skip
+            "name": function.get("name") or "", "arguments": function.get("arguments") or "",
+            "status": status}  # fmt: skip
 
 
 def _ending(finish: str | None) -> tuple[str, str | None]:
@@ -245,13 +262,23 @@ def _ending(finish: str | None) -> tuple[str, str | None]:
 def to_response(chat: Mapping[str, Any], shell: Shell) -> dict[str, Any]:
     """A chat.completion as a Response object."""
     choice = (chat.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
-    output: list[dict[str, Any]] = []
-    if isinstance(message.get("content"), str) and (message["content"] or not message.get("tool_calls")):
-        output.append(_message_item(new_id("msg"), message["content"]))
-    output += [_call_item(new_id("fc"), call) for call in message.get("tool_calls") or []]
     status, incomplete = _ending(choice.get("finish_reason"))
-    return shell.render(status, output, chat.get("usage"), chat.get("model"), incomplete=incomplete)
+    return shell.render(status, _output(choice.get("message") or {}, status), chat.get("usage"), chat.get("model"),
+                        incomplete=incomplete)  # fmt: skip
+
+
+def _output(message: Mapping[str, Any], status: str) -> list[dict[str, Any]]:
+    """A chat message as output items: its text (or refusal) as a message, then its tool calls."""
+    output: list[dict[str, Any]] = []
+    content, refusal, calls = message.get("content"), message.get("refusal"), message.get("tool_calls") or []
+    if isinstance(refusal, str) and refusal and not content:
+        part = {"type": "refusal", "refusal": refusal}
+        item = _message_item(new_id("msg"), "", status)
+        output.append({**item, "content": [part]})
+    elif (isinstance(content, str) and content) or not calls:
+        output.append(_message_item(new_id("msg"), str(content or ""), status))
+    output += [_call_item(new_id("fc"), call) for call in calls]
+    return output
 
 
 def answer_messages(response: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -280,12 +307,40 @@ async def stream_response(chat_stream: AsyncIterator[bytes], shell: Shell,
                           ) -> AsyncIterator[bytes]:  # fmt: skip
     """A chat.completion.chunk stream (from the upstream, a local model or a cache replay) as the Responses event
     sequence. An error event, or a stream that ends before [DONE], ends it with `response.failed`; `on_complete` gets
-    the final Response object of a stream that completed (to keep the conversation)."""
+    the final Response object of a stream that completed (to keep the conversation). A client that goes away closes
+    the chat stream at once (and with it the upstream request or the local generation)."""
+    try:
+        async for event in _events(chat_stream, shell, on_complete):
+            yield event
+    finally:
+        close = getattr(chat_stream, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _events(chat_stream: AsyncIterator[bytes], shell: Shell,
+                  on_complete: Callable[[dict[str, Any]], Awaitable[None]] | None) -> AsyncIterator[bytes]:  # fmt: skip
     event = EventWriter()
     parser, accumulator = SSEParser(), StreamAccumulator("chat")
-    output: list[dict[str, Any]] = []
-    text_item: dict[str, Any] | None = None
-    calls: dict[int, dict[str, Any]] = {}  # tool call index -> its item (and output index)
+    items: list[dict[str, Any]] = []  # the output items announced so far, in order (their last state)
+    text: dict[str, Any] | None = None  # the message item while its text streams: {"id", "text"}
+    calls: dict[int, int] = {}  # a tool call's chat index -> its position in `items`
+
+    def close_text(status: str) -> list[bytes]:
+        """The done events of the streaming message, which ends before another item starts (as OpenAI's do)."""
+        nonlocal text
+        if text is None:
+            return []
+        index = next(i for i, item in enumerate(items) if item["id"] == text["id"])
+        item = _message_item(text["id"], text["text"], status)
+        part, text = item["content"][0], None
+        items[index] = item
+        return [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                      text=part["text"], logprobs=[]),
+                event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                      part=part),
+                event("response.output_item.done", output_index=index, item=item)]  # fmt: skip
+
     yield event("response.created", response=shell.render("in_progress", []))
     yield event("response.in_progress", response=shell.render("in_progress", []))
     failure: ProxyError | None = None
@@ -298,64 +353,76 @@ async def stream_response(chat_stream: AsyncIterator[bytes], shell: Shell,
                     failure = ProxyError(str(error.get("message") or "the answer failed"), code=error.get("code"))
                     break
                 for choice in (parsed or {}).get("choices") or []:
+                    if int(choice.get("index") or 0) != 0:
+                        continue
                     delta = choice.get("delta") or {}
-                    text = delta.get("content")
-                    if isinstance(text, str) and text:
-                        if text_item is None:
-                            text_item = _message_item(new_id("msg"), "", "in_progress")
-                            text_item["content"] = []
-                            output.append(text_item)
-                            index = len(output) - 1
-                            yield event("response.output_item.added", output_index=index, item=text_item)
+                    piece = delta.get("content")
+                    if isinstance(piece, str) and piece and not calls:
+                        if text is None:
+                            text = {"id": new_id("msg"), "text": ""}
+                            items.append({**_message_item(text["id"], "", "in_progress"), "content": []})
+                            index = len(items) - 1
+                            yield event("response.output_item.added", output_index=index, item=items[index])
                             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-                            yield event("response.content_part.added", item_id=text_item["id"], output_index=index,
+                            yield event("response.content_part.added", item_id=text["id"], output_index=index,
                                         content_index=0, part=part)  # fmt: skip
-                        yield event("response.output_text.delta", item_id=text_item["id"],
-                                    output_index=output.index(text_item), content_index=0, delta=text,
-                                    logprobs=[])  # fmt: skip
+                        text["text"] += piece
+                        yield event("response.output_text.delta", item_id=text["id"], output_index=len(items) - 1,
+                                    content_index=0, delta=piece, logprobs=[])  # fmt: skip
                     for position, call in enumerate(delta.get("tool_calls") or []):
                         slot = int(call.get("index", position))
                         function = call.get("function") or {}
                         if slot not in calls:
-                            item = _call_item(new_id("fc"), {"id": call.get("id"), "function": {
-                                "name": function.get("name", ""), "arguments": ""}}, "in_progress")  # fmt: skip
-                            output.append(item)
-                            calls[slot] = item
-                            yield event("response.output_item.added", output_index=len(output) - 1, item=item)
+                            for done in close_text("completed"):
+                                yield done
+                            items.append(_call_item(new_id("fc"), {"id": call.get("id"), "function": {
+                                "name": function.get("name"), "arguments": ""}}, "in_progress"))  # fmt: skip
+                            calls[slot] = len(items) - 1
+                            yield event("response.output_item.added", output_index=calls[slot], item=items[calls[slot]])
                         if function.get("arguments"):
-                            item = calls[slot]
+                            item = items[calls[slot]]
                             item["arguments"] += function["arguments"]
                             yield event("response.function_call_arguments.delta", item_id=item["id"],
-                                        output_index=output.index(item), delta=function["arguments"])  # fmt: skip
+                                        output_index=calls[slot], delta=function["arguments"])  # fmt: skip
             if failure is not None:
                 break
     except Exception as exc:  # a failure inside the pipeline's stream: reported as the stream's end
         failure = to_proxy_error(exc)
-    if failure is None and not accumulator.complete:
+    if failure is None and not accumulator.done:
         failure = ProxyError("the answer's stream ended before it was complete", code="stream_incomplete")
     if failure is not None:
-        error = {"code": failure.code or "server_error", "message": failure.message}
-        yield event("error", code=error["code"], message=error["message"], param=failure.param)
-        yield event("response.failed", response=shell.render("failed", output, error=error))
+        yield event("error", code=failure.code or "server_error", message=failure.message, param=failure.param)
+        error = {"code": "rate_limit_exceeded" if failure.status == 429 else "server_error",
+                 "message": failure.message}  # fmt: skip
+        yield event("response.failed", response=shell.render("failed", items, error=error))
         return
     final = accumulator.response()
     choice = (final.get("choices") or [{}])[0]
-    for index, item in enumerate(output):
-        if item is text_item:
-            text = str((choice.get("message") or {}).get("content") or "")
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                        text=text, logprobs=[])  # fmt: skip
-            yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                        part=part)  # fmt: skip
-            item.update(status="completed", content=[part])
-        else:
-            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                        name=item["name"], arguments=item["arguments"])  # fmt: skip
-            item["status"] = "completed"
-        yield event("response.output_item.done", output_index=index, item=item)
+    message = choice.get("message") or {}
     status, incomplete = _ending(choice.get("finish_reason"))
-    response = shell.render(status, output, final.get("usage"), final.get("model"), incomplete=incomplete)
+    for done in close_text(status if not calls else "completed"):
+        yield done
+    for slot, index in sorted(calls.items(), key=lambda kv: kv[1]):
+        whole = (message.get("tool_calls") or [])[slot] if slot < len(message.get("tool_calls") or []) else {}
+        item = _call_item(items[index]["id"], {"id": whole.get("id") or items[index]["call_id"], "function": {
+            "name": (whole.get("function") or {}).get("name") or items[index]["name"],
+            "arguments": items[index]["arguments"]}})  # fmt: skip
+        items[index] = item
+        yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                    name=item["name"], arguments=item["arguments"])  # fmt: skip
+        yield event("response.output_item.done", output_index=index, item=item)
+    if not items:  # nothing streamed: an empty answer, or a refusal
+        for item in _output(message, status):
+            items.append(item)
+            index = len(items) - 1
+            yield event("response.output_item.added", output_index=index, item={**item, "content": []})
+            for part in item.get("content") or []:
+                yield event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                            part=part)  # fmt: skip
+                yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                            part=part)  # fmt: skip
+            yield event("response.output_item.done", output_index=index, item=item)
+    response = shell.render(status, items, final.get("usage"), final.get("model"), incomplete=incomplete)
     if on_complete is not None:  # before the last event: a client that continues at once finds it kept
         await on_complete(response)
     yield event("response.completed" if status == "completed" else "response.incomplete", response=response)
@@ -400,11 +467,21 @@ class StoredResponses:
         batch, self._pending = self._pending, {}
         if batch:
             try:
-                items = [(k, r, _encode(_record(response, turns)), at)
-                         for (k, r), (response, turns, at) in batch.items()]  # fmt: skip
-                await self.store.save_responses(items)
+                await self.store.save_responses(self._encoded(batch))
             except CacheError as exc:  # best effort, like the cache: the answers stand without them
                 self._failed.warning(log, "could not keep %d stored responses: %s", len(batch), exc)
+
+    def _encoded(self, batch: dict[tuple[str, str], tuple[Mapping[str, Any], list[dict[str, Any]], float]]
+                 ) -> list[tuple[str, str, str, float]]:  # fmt: skip
+        """The batch's records as JSON; one that cannot be made (an answer an upstream sent malformed) is dropped
+        alone, with a log line."""
+        out = []
+        for (key_id, response_id), (response, turns, at) in batch.items():
+            try:
+                out.append((key_id, response_id, _encode(_record(response, turns)), at))
+            except (ProxyError, TypeError, ValueError) as exc:
+                log.warning("stored response %s left out: %s", response_id, exc)
+        return out
 
     async def load(self, key_id: str, response_id: str) -> dict[str, Any] | None:
         """A stored response of this key ({"response", "messages"}), or None (another key's id too)."""

@@ -136,7 +136,7 @@ async def _stored(request: Request, response_id: str) -> tuple[Services, str, di
 async def get_response(request: Request, response_id: str) -> Response:
     """A response this proxy stored for the caller's API key (another key's id is a 404)."""
     _, _, record = await _stored(request, response_id)
-    return JSONResponse(record["response"])
+    return FastJSON(record["response"])
 
 
 @router.delete("/responses/{response_id}")

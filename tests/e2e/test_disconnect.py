@@ -101,3 +101,17 @@ def test_non_stream_disconnect_cancels_upstream(upstream: tuple[SlowUpstream, st
     with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=proxy_url, timeout=0.5) as client:
         client.post("/v1/chat/completions", json=request(False))
     assert upstream[0].cancelled.wait(5), "upstream request still running after the client left"
+
+
+def test_a_responses_stream_disconnect_cancels_upstream(upstream: tuple[SlowUpstream, str], proxy_url: str) -> None:
+    """The same for /v1/responses: the bridge closes the chat stream it reads when its own client leaves."""
+    body = {"model": "m", "input": "count slowly", "stream": True}
+    with (
+        httpx.Client(base_url=proxy_url) as client,
+        client.stream("POST", "/v1/responses", json=body) as response,
+    ):
+        assert response.headers["x-cache"] == "MISS"
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 12:  # past response.created / in_progress and into the text deltas
+                break
+    assert upstream[0].cancelled.wait(5), "upstream stream still running after the client left"

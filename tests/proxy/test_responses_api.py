@@ -161,6 +161,13 @@ async def test_json_schema_output_is_sent_as_response_format(make_client, upstre
         ({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}, 400, "tools.0.type"),
         ({"model": "m", "input": [{"type": "item_reference", "id": "x"}]}, 400, "input.0.type"),
         ({"model": "m", "input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
+        ({"model": "m", "input": "x", "tools": [{"type": "function"}]}, 400, "tools.0.name"),
+        ({"model": "m", "input": "x", "tool_choice": {"type": "allowed_tools", "tools": []}}, 400, "tool_choice"),
+        (
+            {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]},
+            400,
+            "input.0.content.0.file_id",
+        ),
     ],
 )
 async def test_bad_input_names_the_parameter(make_client, upstream: FakeUpstream, body: dict, status: int,  # type: ignore[no-untyped-def]
@@ -220,3 +227,53 @@ async def test_a_conversation_continues_on_another_replica(make_replica, upstrea
             await sdk(b, "sk-test-b").responses.retrieve(first.id)
     assert second.previous_response_id == first.id and fetched.output_text == first.output_text
     assert [m["role"] for m in upstream_chat_bodies(upstream)[1]["messages"]] == ["user", "assistant", "user"]
+
+
+def sse(events: list[dict[str, Any]], done: bool = True) -> httpx.Response:
+    head = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1, "model": "up-model"}
+    body = b"".join(b"data: " + json.dumps({**head, **e}).encode() + b"\n\n" for e in events)
+    return httpx.Response(200, content=body + (b"data: [DONE]\n\n" if done else b""),
+                          headers={"content-type": "text/event-stream"})  # fmt: skip
+
+
+def delta(**fields: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": fields, "finish_reason": None}]}
+
+
+async def test_a_streamed_tool_call_after_text_closes_the_text_first_and_names_the_call(  # type: ignore[no-untyped-def]
+    make_client, upstream: FakeUpstream
+) -> None:
+    """Text, then a tool call whose name and id arrive in a later chunk, then an unknown delta field (annotations):
+    the message item is done before the call is added, the call ends with its name and id, and the stream completes."""
+    upstream.handler = lambda request: sse([
+        delta(role="assistant", content="Let me look."),
+        delta(tool_calls=[{"index": 0, "function": {"arguments": '{"city": '}}]),
+        delta(tool_calls=[{"index": 0, "id": "call_9", "type": "function",
+                           "function": {"name": "get_weather", "arguments": '"Oslo"}'}}]),
+        delta(annotations=[]),
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ])  # fmt: skip
+    async with make_client(cascade_routes={}) as client:
+        stream = await sdk(client).responses.create(model="up-model", input="Weather?", stream=True)
+        events = [event async for event in stream]
+    kinds = [(e.type, getattr(e, "output_index", None)) for e in events]
+    assert kinds.index(("response.output_item.done", 0)) < kinds.index(("response.output_item.added", 1))
+    final = events[-1].response  # type: ignore[union-attr]
+    assert events[-1].type == "response.completed"
+    call = final.output[1]
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id == "call_9"
+    assert json.loads(call.arguments) == {"city": "Oslo"} and final.output[0].content[0].text == "Let me look."
+
+
+async def test_a_cut_answer_is_incomplete_and_objects_validate_against_the_sdk(  # type: ignore[no-untyped-def]
+    make_client, upstream: FakeUpstream
+) -> None:
+    from openai.types.responses import Response
+
+    upstream.handler = lambda request: httpx.Response(200, json=chat_response("Paris is", finish="length"))
+    async with make_client(cascade_routes={}) as client:
+        r = await client.post("/v1/responses", json={"model": "up-model", "input": Q, "max_output_tokens": 2})
+    response = Response.model_validate(r.json())  # every required field, strictly typed
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens" and response.output[0].status == "incomplete"
+    assert response.usage is not None and response.usage.input_tokens == 11
