@@ -2,7 +2,8 @@
 local models off so that a miss is the upstream's), in the same run:
 
 - exact hits: one question stored, then asked for `--seconds` through /v1/chat/completions, then through
-  /v1/responses (target: the Responses p50 within 10 % of the chat p50);
+  /v1/responses (target: the Responses p50 within 10 % of the chat p50), and again with `store: false` (no stored
+  response: what keeping one costs);
 - semantic hits: a paraphrase of a stored question, through each API (the same target);
 - misses: a new question every request, each in a cache namespace of its own (so that no templated neighbour
   answers it), through each API (target: the bridge adds at most 1 ms to the p50).
@@ -106,6 +107,8 @@ def main() -> None:
         cases = {
             "exact hit": (("/v1/chat/completions", chat(QUESTION), False),
                           ("/v1/responses", responses(QUESTION), False)),
+            "exact hit, store: false": (("/v1/chat/completions", chat(QUESTION), False),
+                                        ("/v1/responses", {**responses(QUESTION), "store": False}, False)),
             "semantic hit": (("/v1/chat/completions", chat(PARAPHRASE), False),
                              ("/v1/responses", responses(PARAPHRASE), False)),
             "miss": (("/v1/chat/completions", {**chat("Question UNIQUE?"), "cache": MISS}, True),
@@ -126,7 +129,8 @@ def table(report: dict[str, Any]) -> str:
              f"(x-cache checked first: {report['x_cache']})",
              "| requests | chat p50 | responses p50 | difference | target | chat / responses req/s | non-2xx |",
              "|---|---:|---:|---:|---|---:|---:|"]  # fmt: skip
-    for name, target in (("exact hit", "<= +10 %"), ("semantic hit", "<= +10 %"), ("miss", "<= +1 ms")):
+    for name, target in (("exact hit", "<= +10 %"), ("exact hit, store: false", ""), ("semantic hit", "<= +10 %"),
+                         ("miss", "<= +1 ms")):  # fmt: skip
         c, r = report[name]["chat"], report[name]["responses"]
         diff = f"{(r['p50_ms'] / c['p50_ms'] - 1):+.1%}" if "hit" in name else f"{r['p50_ms'] - c['p50_ms']:+.2f} ms"
         lines.append(f"| {name} | {c['p50_ms']:.2f} ms | {r['p50_ms']:.2f} ms | {diff} | {target} | "
