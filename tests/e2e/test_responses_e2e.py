@@ -1,7 +1,8 @@
 """End to end, the Responses API: the official openai client and the OpenAI Agents SDK's default model class
 (OpenAIResponsesModel) -> cachecade (uvicorn, real port) -> a real upstream that does not speak the Responses API
 (llama-cpp-python's server on SmolLM2: bridged to its chat completions), and one that does
-(tests/e2e/responses_upstream.py, standing in for OpenAI: built-in tools and its own ids pass through)."""
+(tests/e2e/responses_upstream.py, standing in for OpenAI: built-in tools and its own ids pass through); LangChain's
+ChatOpenAI with use_responses_api."""
 
 from __future__ import annotations
 
@@ -179,3 +180,21 @@ def test_built_in_tools_and_upstream_ids_pass_through(native: Proxy) -> None:
     with c.responses.create(model="scripted", input="live", tools=[{"type": "web_search"}], stream=True) as stream:  # type: ignore[list-item]
         events = list(stream)
     assert events[-1].type == "response.completed" and events[-1].response.output_text == "Searched: live"  # type: ignore[union-attr]
+
+
+def test_langchain_with_the_responses_api(bridged: Proxy) -> None:
+    """LangChain's ChatOpenAI(use_responses_api=True), invoke and stream, cached like any other client."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="smollm2", base_url=bridged.v1, api_key=f"sk-test-{uuid.uuid4().hex}",  # type: ignore[arg-type]
+                     use_responses_api=True, temperature=0, max_retries=0, extra_body={"stop": ["\n"]},
+                     include_response_headers=True)  # fmt: skip
+    first = llm.invoke(Q)
+    again = llm.invoke(Q)
+    streamed = "".join(str(chunk.text) for chunk in llm.stream(Q))
+    assert first.text and again.text == first.text and streamed == first.text
+    assert first.response_metadata["headers"]["x-cache"] == "MISS"
+    assert (
+        again.response_metadata["headers"]["x-cache"] == "HIT-EXACT"
+        and again.response_metadata["id"] != first.response_metadata["id"]
+    )
