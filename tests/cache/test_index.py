@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -91,11 +93,17 @@ def test_replace_vid_moves_partition() -> None:
     assert [vid for vid, _ in index.search("B", axis(0))] == [1]
 
 
-def _ivf_index(n: int = 120, seed: int = 0) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+def _ivf_index(n: int = 120, seed: int = 0, hold: threading.Event | None = None
+               ) -> tuple[VectorIndex, np.ndarray, np.ndarray]:  # fmt: skip
+    """A partition past the IVF threshold, its build started; with `hold`, the build waits on the worker thread
+    until the event is set (a build of 120 vectors can otherwise finish before the next line looks)."""
     rng = np.random.default_rng(seed)
     vectors = unit(rng, n)
     ids = np.arange(1000, 1000 + n, dtype=np.int64)
     index = VectorIndex(DIM, ivf_threshold=50)
+    if hold is not None:
+        index._worker = ThreadPoolExecutor(max_workers=1)
+        index._worker.submit(hold.wait, 30)  # the build queues behind this
     index.add_many("p", ids[:50], vectors[:50])
     assert index.kind("p") == "flat" and index.building() == 0
     index.add_many("p", ids[50:], vectors[50:])
@@ -103,9 +111,11 @@ def _ivf_index(n: int = 120, seed: int = 0) -> tuple[VectorIndex, np.ndarray, np
 
 
 async def test_ivf_switch_finds_exact_neighbours() -> None:
-    index, ids, vectors = _ivf_index()
+    hold = threading.Event()
+    index, ids, vectors = _ivf_index(hold=hold)
     assert index.building() == 1 and index.kind("p") == "flat"  # built off the loop; flat serves meanwhile
     assert [vid for vid, _ in index.search("p", vectors[3], k=5)] == brute_force(vectors, ids, vectors[3], 5)
+    hold.set()
     await index.settle()
     assert index.building() == 0 and index.kind("p") == f"ivf{lists_for(120)}"
     for i in range(0, 120, 17):  # 8 cells, all probed: exact
@@ -143,12 +153,15 @@ async def test_replace_vid_ivf() -> None:
 
 
 async def test_changes_during_a_build_are_replayed_onto_the_new_index() -> None:
-    index, ids, vectors = _ivf_index()
+    hold = threading.Event()
+    index, ids, vectors = _ivf_index(hold=hold)
     assert index.building() == 1
     index.remove([int(ids[0])])  # removed while building
     index.add("p", int(ids[1]), -vectors[1])  # replaced while building
     index.add("p", 7, axis(0))  # added while building
     index.add("q", 8, axis(0))  # another partition
+    assert index.building() == 1 and index.kind("p") == "flat"  # all of it while the build was in flight
+    hold.set()
     await index.settle()
     assert index.kind("p").startswith("ivf") and len(index) == 121
     assert all(vid != int(ids[0]) for vid, _ in index.search("p", vectors[0], k=120))
