@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -40,7 +41,12 @@ def require_admin(request: Request) -> Services:
 def admin_id(svc: Services) -> str:
     """Who made a change, for the audit log: the admin token's id (a digest, never the token)."""
     token = svc.settings.admin_token
-    return "admin:" + hashlib.sha256(token.get_secret_value().encode()).hexdigest()[:12] if token else "admin"
+    return _token_id(token.get_secret_value()) if token else "admin"
+
+
+@functools.cache
+def _token_id(token: str) -> str:
+    return "admin:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 Admin = Annotated[Services, Depends(require_admin)]
@@ -65,8 +71,11 @@ async def _merged(request: Request, current: P) -> P:
         raise from_validation(exc) from None
 
 
-@router.put("/config", openapi_extra=openapi.body(CachePolicy, partial=True))
-@router.patch("/config", openapi_extra=openapi.body(CachePolicy, partial=True))
+_CONFIG_BODY = openapi.body(CachePolicy, partial=True)  # PUT and PATCH: any of its fields
+
+
+@router.put("/config", openapi_extra=_CONFIG_BODY)
+@router.patch("/config", openapi_extra=_CONFIG_BODY)
 async def put_config(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any policy fields (the rest stay); takes effect at once, and is logged."""
     policy = await _merged(request, svc.cache.policy)
@@ -96,8 +105,11 @@ async def get_cascade(svc: Admin) -> dict[str, Any]:
             "local_models_off": svc.cascade.off}  # fmt: skip
 
 
-@router.put("/cascade", openapi_extra=openapi.body(CascadePolicy, partial=True))
-@router.patch("/cascade", openapi_extra=openapi.body(CascadePolicy, partial=True))
+_CASCADE_BODY = openapi.body(CascadePolicy, partial=True)  # PUT and PATCH: any of its fields
+
+
+@router.put("/cascade", openapi_extra=_CASCADE_BODY)
+@router.patch("/cascade", openapi_extra=_CASCADE_BODY)
 async def put_cascade(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any cascade fields (the rest stay); routes may only name loaded local models. Logged."""
     policy = await _merged(request, svc.cascade.policy)
@@ -116,8 +128,11 @@ async def get_budgets(svc: Admin) -> dict[str, Any]:
     return svc.spending.policy.model_dump()
 
 
-@router.put("/budgets", openapi_extra=openapi.body(BudgetPolicy, partial=True))
-@router.patch("/budgets", openapi_extra=openapi.body(BudgetPolicy, partial=True))
+_BUDGETS_BODY = openapi.body(BudgetPolicy, partial=True)  # PUT and PATCH: any of its fields
+
+
+@router.put("/budgets", openapi_extra=_BUDGETS_BODY)
+@router.patch("/budgets", openapi_extra=_BUDGETS_BODY)
 async def put_budgets(request: Request, svc: Admin) -> dict[str, Any]:
     """Change any budget fields (the rest stay; `keys` is replaced whole); takes effect at once, and is logged."""
     budgets = svc.spending.budgets

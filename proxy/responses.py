@@ -29,7 +29,7 @@ from cache.store import EntryStore
 from proxy.errors import InvalidRequest, ProxyError, to_proxy_error
 from proxy.logs import Throttle
 from proxy.protocol import CacheOptions, Probability
-from proxy.streaming import SSEParser, StreamAccumulator
+from proxy.streaming import SSEParser, StreamAccumulator, sse
 
 log = logging.getLogger("cachecade.responses")
 # Responses-only fields that mean nothing to a chat upstream: never forwarded.
@@ -37,7 +37,6 @@ _NOT_FORWARDED = {"input", "instructions", "max_output_tokens", "text", "tools",
                   "previous_response_id", "metadata", "stream", "truncation", "include", "background", "reasoning",
                   "conversation", "prompt", "prompt_cache_key", "safety_identifier", "service_tier", "max_tool_calls",
                   "top_logprobs", "stream_options", "n"}  # fmt: skip
-_CHAT_FIELDS = ("temperature", "top_p", "user", "parallel_tool_calls", "cache", "token_budget", "seed", "stop")
 
 
 class ResponsesRequest(BaseModel):
@@ -165,15 +164,12 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
-def chat_body(request: ResponsesRequest, body: Mapping[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The chat request that `request` means, after `history` (the stored conversation it continues)."""
+def chat_body(request: ResponsesRequest, body: Mapping[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chat request that `request` means: `turns` is the conversation (the stored history it continues, then
+    its input as messages), the instructions go first; fields Responses does not define pass through."""
     messages = [{"role": "system", "content": request.instructions}] if request.instructions else []
-    messages += history + input_messages(request.input)
-    chat: dict[str, Any] = {k: v for k, v in body.items() if k not in _NOT_FORWARDED and k not in ("model",)}
-    chat |= {"model": request.model, "messages": messages, "stream": request.stream}
-    for name in _CHAT_FIELDS:
-        if name in body:
-            chat[name] = body[name]
+    chat: dict[str, Any] = {k: v for k, v in body.items() if k not in _NOT_FORWARDED}
+    chat |= {"model": request.model, "messages": messages + turns, "stream": request.stream}
     if request.stream:
         chat["stream_options"] = {"include_usage": True}
     if request.max_output_tokens is not None:
@@ -300,8 +296,7 @@ class EventWriter:
     def __call__(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-        return f"event: {kind}\ndata: {data}\n\n".encode()
+        return f"event: {kind}\n".encode() + sse(payload)
 
 
 async def stream_response(chat_stream: AsyncIterator[bytes], shell: Shell,
@@ -343,8 +338,9 @@ async def _events(chat_stream: AsyncIterator[bytes], shell: Shell,
                       part=part),
                 event("response.output_item.done", output_index=index, item=item)]  # fmt: skip
 
-    yield event("response.created", response=shell.render("in_progress", []))
-    yield event("response.in_progress", response=shell.render("in_progress", []))
+    started = shell.render("in_progress", [])
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
     failure: ProxyError | None = None
     try:
         async for chunk in chat_stream:
@@ -480,7 +476,7 @@ class StoredResponses:
         out = []
         for (key_id, response_id), (response, turns, at) in batch.items():
             try:
-                out.append((key_id, response_id, _encode(_record(response, turns)), at))
+                out.append((key_id, response_id, dumps(_record(response, turns)).decode(), at))
             except (ProxyError, TypeError, ValueError) as exc:
                 log.warning("stored response %s left out: %s", response_id, exc)
         return out
@@ -504,9 +500,10 @@ def _record(response: Mapping[str, Any], turns: list[dict[str, Any]]) -> dict[st
     return {"response": response, "messages": turns + answer_messages(response)}
 
 
-def _encode(record: dict[str, Any]) -> str:
-    """orjson, or the json module for what orjson cannot encode (an integer over 64 bits)."""
+def dumps(value: Any) -> bytes:
+    """JSON by orjson (several times faster on these large objects; NaN becomes null), or by the json module for what
+    orjson cannot encode (an integer over 64 bits)."""
     try:
-        return orjson.dumps(record).decode()
+        return orjson.dumps(value)
     except TypeError:
-        return json.dumps(record)
+        return json.dumps(value, ensure_ascii=False, allow_nan=True, separators=(",", ":")).encode()

@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -23,6 +22,7 @@ from proxy.responses import (
     Shell,
     bridgeable,
     chat_body,
+    dumps,
     input_messages,
     stream_response,
     to_response,
@@ -31,14 +31,10 @@ from proxy.services import Services
 
 
 class FastJSON(JSONResponse):
-    """A Response object encoded by orjson (it is several times the size of a chat completion; a NaN an upstream
-    sent in it becomes null); what orjson cannot encode (an integer over 64 bits) falls back to the json module."""
+    """A Response object encoded by proxy.responses.dumps (orjson, with the json module as a fallback)."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            return orjson.dumps(content)
-        except TypeError:
-            return UpstreamJSON.render(self, content)  # type: ignore[arg-type]
+        return dumps(content)
 
 
 router = APIRouter(prefix="/v1")
@@ -95,7 +91,7 @@ async def create_response(request: Request) -> Response:
         raise InvalidRequest(f"'{field}' is not supported here: the upstream does not speak the Responses API, and "
                              "the chat completions it does speak cannot express it", param=field)  # fmt: skip
     turns = history + input_messages(parsed.input)  # the conversation after this request, without instructions
-    chat = chat_body(parsed, body, history)
+    chat = chat_body(parsed, body, turns)
     try:
         chat_request = ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:
@@ -123,25 +119,18 @@ async def create_response(request: Request) -> Response:
     return out
 
 
-async def _stored(request: Request, response_id: str) -> tuple[Services, str, dict[str, Any]]:
-    svc = services(request)
-    key_id = key_id_of(request.headers)
-    record = await svc.responses.load(key_id, response_id)
-    if record is None:
-        raise NotFound(f"no stored response {response_id!r} for this API key", param="response_id")
-    return svc, key_id, record
-
-
 @router.get("/responses/{response_id}")
 async def get_response(request: Request, response_id: str) -> Response:
     """A response this proxy stored for the caller's API key (another key's id is a 404)."""
-    _, _, record = await _stored(request, response_id)
+    record = await services(request).responses.load(key_id_of(request.headers), response_id)
+    if record is None:
+        raise NotFound(f"no stored response {response_id!r} for this API key", param="response_id")
     return FastJSON(record["response"])
 
 
 @router.delete("/responses/{response_id}")
 async def delete_response(request: Request, response_id: str) -> Response:
     """Delete a stored response of the caller's API key: it can no longer be continued or read."""
-    svc, key_id, _ = await _stored(request, response_id)
-    await svc.responses.delete(key_id, response_id)
+    if not await services(request).responses.delete(key_id_of(request.headers), response_id):
+        raise NotFound(f"no stored response {response_id!r} for this API key", param="response_id")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
