@@ -64,3 +64,21 @@ def test_short_answers_are_judged_as_text_long_ones_are_left_to_the_embedder() -
     assert short_answers_agree("", "Paris") is False
     long = "word " * 20
     assert short_answers_agree(long, long + "more") is None
+
+
+def test_beta_quantile_matches_scipy() -> None:
+    """cache.labels computes the Beta quantile itself (SciPy is not in the runtime image): it agrees with
+    scipy.special.betaincinv over the counts learning sees, from a handful of labels to millions."""
+    import numpy as np
+
+    special = pytest.importorskip("scipy.special")  # installed with the dev tools (sentence-transformers needs it)
+    from cache.labels import beta_quantile
+
+    rng = np.random.default_rng(0)
+    n = np.concatenate([np.arange(1, 60), rng.integers(60, 3_000_000, 400)])
+    k = (rng.random(len(n)) * n * rng.random(len(n))).astype(int)
+    k[:20], k[20:30] = 0, n[20:30] - 1  # no errors; all but one wrong
+    a, b = k + 1.0, (n - k).astype(float)
+    for confidence in (0.5, 0.9, 0.95, 0.99, 0.999):
+        expected = special.betaincinv(a, b, confidence)
+        assert np.allclose(beta_quantile(a, b, confidence), expected, rtol=1e-8, atol=0), confidence
