@@ -16,7 +16,8 @@ export TRANSFORMERS_OFFLINE := 1
 export LLAMA_CMAKE_ARGS
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install install-dev llama-wheel reinstall-llama serve test test-fast lint bench calibrate calibrate-cascade system-deps clean
+.PHONY: install install-dev llama-wheel reinstall-llama serve test test-fast lint bench calibrate calibrate-cascade system-deps \
+	container-deps lock wheelhouse image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +37,7 @@ reinstall-llama:
 	$(MAKE) llama-wheel
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python llama-wheel
-	$(BIN)/pip install --only-binary llama-cpp-python -e .
+	$(BIN)/pip install --only-binary llama-cpp-python -e '.[local,export]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
@@ -56,7 +57,37 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server; }
 
-test: install-dev system-deps
+# Podman, runc and mmdebstrap from Debian's packages, for `make image` and the container tests (only when missing).
+# Podman reads the project's own settings (deploy/podman/containers.conf) through CONTAINERS_CONF.
+export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
+container-deps:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  echo "podman/runc/mmdebstrap missing: installing Debian's packages"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q podman runc mmdebstrap; }
+
+# requirements/*.txt: every package pinned with its hash, in layers (deploy/lock.py says how to install them).
+lock: install-dev
+	$(BIN)/python deploy/lock.py
+
+# build/wheelhouse: every wheel the image installs, checked against the lock (deploy/wheelhouse.py).
+wheelhouse: llama-wheel $(VENV)/.installed
+	$(BIN)/python deploy/wheelhouse.py "$$(PYTHON=$(BIN)/python deploy/llama_wheel.sh)"
+
+# The sidecar images, built with no network: localhost/cachecade:latest (both local models) and
+# localhost/cachecade:cache-only. ENGINE=docker BASE_IMAGE=python:3.11-slim-bookworm builds them with Docker.
+ENGINE ?= podman
+BASE_IMAGE ?= localhost/cachecade-base:bookworm
+IMAGE ?= localhost/cachecade
+image: wheelhouse $(if $(filter podman,$(ENGINE)),container-deps)
+	$(if $(filter podman,$(ENGINE)),deploy/podman/base.sh $(BASE_IMAGE))
+	$(ENGINE) build --network=none -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --target cache-only -t $(IMAGE):cache-only .
+	$(ENGINE) build --network=none -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --target full -t $(IMAGE):latest .
+	$(ENGINE) image ls $(IMAGE)
+
+test: install-dev system-deps container-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: install-dev
