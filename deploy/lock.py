@@ -42,29 +42,36 @@ DATA_ONLY = {
 }
 
 
-def resolve() -> list[dict]:
-    """pip's installation report for the whole project, as if nothing were installed."""
+# The Pythons the files serve: this one, and Debian bookworm's (the image's base), whose older patch release needs
+# more than a newer one (redis needs async-timeout before 3.11.3).
+PYTHONS = ("", "3.11.2")
+
+
+def resolve(more: list[str]) -> list[dict]:
+    """pip's installation report for the whole project (and `more` requirements), as if nothing were installed."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
-                        "--only-binary", "torch", "--report", str(report), f"{ROOT}[local,export,dev]"],
+                        "--only-binary", "torch", "--report", str(report), f"{ROOT}[local,export,dev]", *more],
                        check=True)  # fmt: skip
         return list(json.loads(report.read_text())["install"])
 
 
+def applies(req: Requirement, extras: set[str]) -> bool:
+    if req.marker is None:
+        return True
+    envs = [default_environment() | ({"python_full_version": v} if v else {}) for v in PYTHONS]
+    return any(req.marker.evaluate({**env, "extra": e}) for env in envs for e in extras | {""})
+
+
 def requirements(item: dict, extras: set[str]) -> list[Requirement]:
-    """The requirements of a report item that apply on this platform with these extras."""
-    env = default_environment()
-    out = []
-    for text in item["metadata"].get("requires_dist", []):
-        req = Requirement(text)
-        if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in extras | {""}):
-            out.append(req)
-    return out
+    """The requirements of a report item that apply on these platforms with these extras."""
+    return [r for r in map(Requirement, item["metadata"].get("requires_dist", [])) if applies(r, extras)]
 
 
-def closure(items: dict[str, dict], start: list[Requirement]) -> set[str]:
-    """Every package name reached from `start`."""
+def closure(items: dict[str, dict], start: list[Requirement], missing: set[str]) -> set[str]:
+    """Every package name reached from `start`; requirements pip did not resolve (they apply on another of
+    PYTHONS only) are added to `missing`."""
     seen: set[tuple[str, frozenset[str]]] = set()
     stack = list(start)
     while stack:
@@ -72,20 +79,24 @@ def closure(items: dict[str, dict], start: list[Requirement]) -> set[str]:
         key = (canonicalize_name(req.name), frozenset(req.extras))
         if key in seen:
             continue
+        if key[0] not in items:
+            missing.add(f"{req.name}{req.specifier}")
+            continue
         seen.add(key)
         if key[0] not in DATA_ONLY:
             stack += requirements(items[key[0]], set(req.extras))
     return {name for name, _ in seen}
 
 
-def layers(report: list[dict]) -> dict[str, list[dict]]:
+def layers(report: list[dict], missing: set[str]) -> dict[str, list[dict]]:
     items = {canonicalize_name(i["metadata"]["name"]): i for i in report}
     root = items.pop("cachecade")
     placed: set[str] = set()
     out: dict[str, list[dict]] = {}
     for layer in LAYERS:
         extras = set() if layer == "runtime" else {layer}
-        names = closure(items, [r for r in requirements(root, extras) if canonicalize_name(r.name) != "cachecade"])
+        start = [r for r in requirements(root, extras) if canonicalize_name(r.name) != "cachecade"]
+        names = closure(items, start, missing)
         if layer == "dev":  # dev names cachecade[local,export] itself: what it adds is everything left
             names |= set(items)
         out[layer] = [items[n] for n in sorted(names - placed)]
@@ -107,7 +118,12 @@ def render(layer: str, items: list[dict]) -> str:
 
 def main() -> int:
     OUT.mkdir(exist_ok=True)
-    for layer, items in layers(resolve()).items():
+    more: set[str] = set()
+    layers(resolve([]), more)
+    missing: set[str] = set()
+    for layer, items in layers(resolve(sorted(more)), missing).items():
+        if missing:
+            raise SystemExit(f"not resolved: {sorted(missing)}")
         (OUT / f"{layer}.txt").write_text(render(layer, items))
         print(f"requirements/{layer}.txt: {len(items)} packages")
     return 0
