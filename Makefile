@@ -81,9 +81,9 @@ BASE_IMAGE ?= localhost/cachecade-base:bookworm
 IMAGE ?= localhost/cachecade
 image: wheelhouse $(if $(filter podman,$(ENGINE)),container-deps)
 	$(if $(filter podman,$(ENGINE)),deploy/podman/base.sh $(BASE_IMAGE))
-	$(ENGINE) build --network=none -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	$(ENGINE) build --network=none $(if $(filter podman,$(ENGINE)),--format docker) -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --target cache-only -t $(IMAGE):cache-only .
-	$(ENGINE) build --network=none -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	$(ENGINE) build --network=none $(if $(filter podman,$(ENGINE)),--format docker) -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --target full -t $(IMAGE):latest .
 	$(ENGINE) image ls $(IMAGE)
 

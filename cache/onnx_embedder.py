@@ -13,6 +13,7 @@ fp32): a quarter of the size and about 1.5x faster per query than the fused fp32
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -54,9 +55,25 @@ def _fingerprint(model_dir: Path) -> str:
     for name in ("config.json", "tokenizer.json", "modules.json"):
         if (model_dir / name).exists():
             digest.update((model_dir / name).read_bytes())
-    for weights in sorted(model_dir.glob("*.safetensors")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    for name, size in sorted(_weights(model_dir).items()):
+        digest.update(f"{name}:{size}".encode())
     return digest.hexdigest()[:16]
+
+
+def _weights(model_dir: Path) -> dict[str, int]:
+    """The weight files' names and sizes: those on disk, and those its package installed (from the package's
+    RECORD), so that the sidecar image, which keeps only the ONNX export and drops the weights, finds the same
+    export by the same fingerprint."""
+    sizes = {p.name: p.stat().st_size for p in model_dir.glob("*.safetensors")}
+    package = model_dir.parent.name
+    try:
+        files = importlib.metadata.distribution(package.replace("_", "-")).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return sizes
+    for file in files:
+        if file.name.endswith(".safetensors") and file.size and file.locate().parent.resolve() == model_dir.resolve():
+            sizes.setdefault(file.name, file.size)
+    return sizes
 
 
 def _check_pipeline(model_dir: Path) -> int:

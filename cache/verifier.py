@@ -83,12 +83,13 @@ class PairVerifier:
         meta = VerifierMeta.read(folder)
         digest = hashlib.sha256((folder / WEIGHTS).read_bytes() + repr(meta.layers).encode()).hexdigest()[:16]
         target = cache_dir / f"verifier-{digest}.onnx"
-        if not target.exists():
+        quantized = cache_dir / f"verifier-{digest}-int8.onnx"
+        int8 = backend == "onnx-int8" and meta.int8
+        if not target.exists() and not (int8 and quantized.exists()):  # (an image may ship the int8 file alone)
             log.info("exporting the verifier %s to %s (once)", folder, target)
             export(folder, meta, target)
         if backend == "onnx-int8":
-            if meta.int8:
-                quantized = cache_dir / f"verifier-{digest}-int8.onnx"
+            if int8:
                 if not quantized.exists():
                     quantize(target, meta, quantized)
                 return cls(quantized, meta.as_int8(), f"verifier-{digest}-int8", threads)

@@ -30,9 +30,16 @@ if ! compgen -G "$dir/llama_cpp_python-$version-*.whl" >/dev/null; then
     tmp=$(mktemp -d "$dir.tmp.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     echo "llama_wheel.sh: compiling llama-cpp-python $version with: $args (a few minutes, once per flag set)" >&2
+    # The source archive is checked against requirements/local.txt's hash (the lock, deploy/lock.py) when it has one.
+    sed -n '/^llama-cpp-python==/{N;s/\\\n//;p}' "$here/../requirements/local.txt" 2>/dev/null >"$tmp/lock.txt" || true
+    if grep -q "==$version .*--hash=" "$tmp/lock.txt"; then
+        source=(--require-hashes -r "$tmp/lock.txt")
+    else
+        source=("llama-cpp-python==$version")
+    fi
     CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
-        "$python" -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$tmp" \
-        "llama-cpp-python==$version" >&2
+        "$python" -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$tmp" "${source[@]}" >&2
+    rm -f "$tmp/lock.txt"
     printf '%s\n' "$args" >"$tmp/cmake-args"
     rm -rf "$dir"
     mv "$tmp" "$dir"

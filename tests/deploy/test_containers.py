@@ -1,0 +1,222 @@
+"""The sidecar for real: `make image` builds both images with Podman (no network inside the build), then
+containers and pods run them on this machine.
+
+Skipped, with the reason, only where a container cannot run at all (no Podman, or `podman run` refused by the
+kernel or the sandbox). Containers talk over loopback only: a published port on 127.0.0.1, or pods on the host's
+network sharing the test's Redis and upstream on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from local_models.processes import free_port
+from tests.deploy import kube
+from tests.redis_server import start_redis
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "deploy" / "podman" / "containers.conf"
+BASE = "localhost/cachecade-base:bookworm"
+FULL, CACHE_ONLY = "localhost/cachecade:latest", "localhost/cachecade:cache-only"
+ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONF))}
+
+
+def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def images() -> None:
+    """Both images, built once per run by `make image` (layers cached by Podman between runs)."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (`make container-deps` installs Debian's)")
+    base = subprocess.run([str(ROOT / "deploy/podman/base.sh"), BASE], env=ENV, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert base.returncode == 0, base.stderr[-3000:]
+    probe = podman("run", "--rm", "--network=none", BASE, "true", check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"containers cannot run here: {probe.stderr.strip()[-500:]}")
+    build = subprocess.run(["make", "--no-print-directory", "image"], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=3600)  # fmt: skip
+    assert build.returncode == 0, f"make image failed:\n{build.stdout[-3000:]}\n{build.stderr[-5000:]}"
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> float:
+    """Seconds until `url` answers 200."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready in {timeout_s} s")
+
+
+@pytest.fixture
+def names() -> Iterator[list[str]]:
+    """Containers, volumes and pods to remove after the test."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        podman("rm", "-f", "-t", "0", name, check=False)
+        podman("volume", "rm", "-f", name, check=False)
+        podman("pod", "rm", "-f", "-t", "0", name, check=False)
+
+
+def run_sidecar(image: str, name: str, port: int, *extra: str) -> None:
+    """The image as the manifests run it: read-only root, only /tmp (tmpfs) and the data volume writable."""
+    podman("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:8080", *extra,
+           image)  # fmt: skip
+
+
+def ask(client: OpenAI, question: str) -> tuple[str, str, str]:
+    raw = client.chat.completions.with_raw_response.create(
+        model="cachecade/auto", max_tokens=24, messages=[{"role": "user", "content": question}]
+    )
+    return raw.headers["x-cache"], raw.headers["x-served-by"], raw.parse().choices[0].message.content or ""
+
+
+def test_images_have_no_torch_no_compiler_no_pip_and_run_as_non_root(images: None) -> None:
+    check = ("import importlib.util as u, os, shutil, sys; print(os.getuid(), os.getgid(), "
+             "[m for m in ('torch', 'pip', 'scipy', 'sentence_transformers', 'llama_cpp') if u.find_spec(m)], "
+             "[c for c in ('gcc', 'cc', 'curl', 'apt-get') if shutil.which(c)])")  # fmt: skip
+    full = podman("run", "--rm", "--entrypoint", "python", FULL, "-c", check).stdout.split(" ", 2)
+    cache_only = podman("run", "--rm", "--entrypoint", "python", CACHE_ONLY, "-c", check).stdout.split(" ", 2)
+    assert full[:2] == cache_only[:2] == ["10001", "10001"]
+    assert full[2].strip() == "['llama_cpp'] []"  # llama.cpp only in the full image; nothing else of the list
+    assert cache_only[2].strip() == "[] []"
+
+
+def test_full_image_serves_read_only_and_its_store_outlives_the_container(images: None, names: list[str]) -> None:
+    """Local models answer with no upstream; the embedded store on a volume survives `podman rm`; the image's
+    health check works by hand; `podman stop` ends it with exit code 0."""
+    volume, first, second = (f"cc-test-{uuid.uuid4().hex[:8]}" for _ in range(3))
+    names += [first, second, volume]
+    podman("volume", "create", volume)
+    port = free_port()
+    run_sidecar(FULL, first, port, "-v", f"{volume}:/var/lib/cachecade")
+    wait_ready(f"http://127.0.0.1:{port}/readyz")
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-container-test", max_retries=0)
+    question = "What is the capital of France?"
+    cache, served_by, answer = ask(client, question)
+    assert (cache, served_by.split(":")[0]) == ("MISS", "local") and answer
+    assert ask(client, question)[0] == "HIT-EXACT"
+    assert podman("healthcheck", "run", first, check=False).returncode == 0
+    podman("stop", "-t", "60", first)
+    assert podman("inspect", first, "--format", "{{.State.ExitCode}}").stdout.strip() == "0"
+    podman("rm", first)
+    run_sidecar(FULL, second, port, "-v", f"{volume}:/var/lib/cachecade")
+    wait_ready(f"http://127.0.0.1:{port}/readyz")
+    cache, _, again = ask(client, question)
+    assert (cache, again) == ("HIT-EXACT", answer)  # from the volume's SQLite store, written by the first container
+
+
+def test_sigterm_drains_an_inflight_stream_and_exits_zero(images: None, names: list[str]) -> None:
+    name = f"cc-test-{uuid.uuid4().hex[:8]}"
+    names.append(name)
+    port = free_port()
+    run_sidecar(FULL, name, port)
+    wait_ready(f"http://127.0.0.1:{port}/readyz")
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-container-test", max_retries=0)
+    stream = client.chat.completions.create(
+        model="cachecade/auto", max_tokens=200, stream=True,
+        messages=[{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}],
+    )  # fmt: skip
+    chunks = [next(iter(stream))]
+    stopped: dict[str, float | int] = {}
+
+    def stop() -> None:
+        started = time.monotonic()
+        stopped["rc"] = podman("stop", "-t", "60", name, timeout=90, check=False).returncode
+        stopped["s"] = time.monotonic() - started
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    chunks += list(stream)  # the openai client ends the iteration at `data: [DONE]`, raises if the stream is cut
+    stopper.join()
+    assert chunks[-1].choices and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert stopped["rc"] == 0 and float(stopped["s"]) < 60
+    assert podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip() == "0"
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    process, url = start_redis(tmp_path / "redis.log")
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.e2e.responses_upstream:app", "--port",
+                                str(port), "--log-level", "warning"], cwd=ROOT)  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout_s=30)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def play_pod(tmp_path: Path, names: list[str], redis_url: str, upstream: str, questions: tuple[str, ...]
+             ) -> tuple[list[dict[str, object]], list[kube.Probe], int]:  # fmt: skip
+    """One pod of deploy/k8s's app Deployment (tests/deploy/kube.py's transform); its probes polled as the
+    manifests state them; the app's output once it has exited."""
+    pod, port = f"cc-pod-{uuid.uuid4().hex[:8]}", free_port()
+    names.append(pod)
+    staging = tmp_path / pod
+    staging.mkdir()
+    shutil.copy(ROOT / "tests/deploy/pod_client.py", staging / "pod_client.py")
+    site = Path(httpx.__file__).parents[1]  # this venv's packages: the openai client and what it imports
+    wiring = kube.Wiring(pod=pod, port=port, image=FULL, app_image=BASE, redis_url=redis_url, upstream_url=upstream,
+                         admin_token="pod-test-admin-token-" + uuid.uuid4().hex, app_script=staging / "pod_client.py",
+                         app_site=site, questions=questions)  # fmt: skip
+    rendered = staging / "pod.yaml"
+    rendered.write_text(kube.render(wiring))
+    podman("kube", "play", str(rendered), timeout=300)
+    manifest_probes = kube.probes(kube.sidecar(kube.manifests()["Deployment/app"]["spec"]["template"]["spec"]))
+    ports = {8080: port}  # the manifests' container port -> the sidecar's port on the host network
+    for probe in manifest_probes:
+        wait_ready(f"http://127.0.0.1:{ports[probe.port]}{probe.path}", timeout_s=300)
+    app = f"{pod}-app"
+    podman("wait", app, timeout=300)
+    logs = podman("logs", app).stdout
+    assert podman("inspect", app, "--format", "{{.State.ExitCode}}").stdout.strip() == "0", logs
+    return [json.loads(line) for line in logs.splitlines() if line.startswith("{")], manifest_probes, port
+
+
+def test_pods_from_the_manifests_share_one_redis(images: None, names: list[str], tmp_path: Path, redis_url: str,
+                                                 upstream: str) -> None:  # fmt: skip
+    """deploy/k8s under `podman kube play`: the app reaches its sidecar at localhost with the official client (a
+    MISS, a HIT-EXACT, a HIT-SEMANTIC), the admin API takes the Secret's token; a second pod on the same Redis
+    serves the first pod's answer as a hit."""
+    question, reworded = "How many legs does a spider have?", "How many legs has a spider got?"
+    first, probes, _ = play_pod(tmp_path, names, redis_url, upstream, (question, question, reworded))
+    assert {p.kind for p in probes} == {"startupProbe", "livenessProbe", "readinessProbe"}
+    assert [r["x-cache"] for r in first[:3]] == ["MISS", "HIT-EXACT", "HIT-SEMANTIC"], first
+    assert first[3] == {"admin_with_token": 200, "admin_without_token": 401}
+    second, _, _ = play_pod(tmp_path, names, redis_url, upstream, (question,))
+    assert second[0]["x-cache"] == "HIT-EXACT" and second[0]["answer"] == first[0]["answer"], second
