@@ -4,6 +4,7 @@ extras) and user paths, with the prompt style each needs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 from pathlib import Path
 from typing import Literal
@@ -40,26 +41,43 @@ def gemma3_gguf(cache_dir: Path | None = None) -> Path:
 
     target = (cache_dir or Path.home() / ".cache" / "cachecade") / package.MODEL_NAME
     stamp = target.with_name(target.name + ".sha256")
-    if _stamped(target, stamp, package.EXPECTED_SHA256):
+    if _checked(target, stamp, package.EXPECTED_SHA256):
         return target  # joined and checked before: no chunks needed (the image ships the joined file alone)
     try:
         path = Path(package.assemble(target))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: a chunk package is missing
         raise ModelNotFound(f"cannot assemble {package.MODEL_NAME} into {target}: {exc}") from exc
-    with contextlib.suppress(OSError):  # a read-only cache dir: checked again next time
-        info = path.stat()
-        stamp.write_text(f"{package.EXPECTED_SHA256} {info.st_size} {info.st_mtime_ns}\n")
+    _stamp(path, stamp, package.EXPECTED_SHA256)
     return path
 
 
-def _stamped(target: Path, stamp: Path, sha256: str) -> bool:
-    """Whether `target` is the file that was checked against `sha256` when `stamp` was written (same size and
-    modification time): skips hashing 250 MB at every start."""
+def _checked(target: Path, stamp: Path, sha256: str) -> bool:
+    """Whether `target` is the file `stamp` says was checked against `sha256`. Same size and modification time:
+    yes, without reading it (250 MB at every start otherwise). Same size only (a copy that did not keep the time,
+    as an image build's COPY): it is hashed again (about 0.3 s)."""
     try:
         info = target.stat()
-        return stamp.read_text().split() == [sha256, str(info.st_size), str(info.st_mtime_ns)]
-    except (OSError, ValueError):
+        recorded = stamp.read_text().split()
+    except OSError:
         return False
+    if recorded[:2] != [sha256, str(info.st_size)]:
+        return False
+    if recorded[2:] == [str(info.st_mtime_ns)]:
+        return True
+    digest = hashlib.sha256()
+    with target.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        return False
+    _stamp(target, stamp, sha256)
+    return True
+
+
+def _stamp(path: Path, stamp: Path, sha256: str) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache dir (the image): checked by hash next time
+        info = path.stat()
+        stamp.write_text(f"{sha256} {info.st_size} {info.st_mtime_ns}\n")
 
 
 PACKAGED = ("smollm2", "gemma3")

