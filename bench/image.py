@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(ROOT / "deploy/podman/containers.conf"))}
 IMAGES = {"latest": ("localhost/cachecade:latest", 900), "cache-only": ("localhost/cachecade:cache-only", 450)}
 BASE = "localhost/cachecade-base:bookworm"
+# Both local gates open, in the pod and on the host: the first answer (a miss) is stored, the rest are exact hits.
+OPEN_GATES = '{"smollm2": 0.0, "gemma3": 0.0}'
 # The timing client, the same file on the host and in the app container: sequential exact hits, p50 in ms.
 CLIENT = """
 import json, statistics, sys, time, httpx
@@ -78,7 +80,7 @@ def start_time(image: str) -> float:
     try:
         return ready_after(f"http://127.0.0.1:{port}/readyz", started)
     finally:
-        podman("rm", "-f", "-t", "0", name)
+        podman("rm", "-f", "-v", "-t", "0", name)
 
 
 def build_time() -> float:
@@ -96,19 +98,20 @@ def exact_hits(n: int) -> dict[str, dict[str, float]]:
     podman("pod", "create", "--name", pod)
     try:
         podman("run", "-d", "--pod", pod, "--name", f"{pod}-cachecade", "--read-only", "--tmpfs", "/tmp",
-               IMAGES["latest"][0])  # fmt: skip
+               "-e", f"CACHECADE_CASCADE_THRESHOLDS={OPEN_GATES}", IMAGES["latest"][0])  # fmt: skip
         out = podman("run", "--rm", "--pod", pod, "-v", f"{site}:/site:ro", "-e", "PYTHONPATH=/site", BASE, "sh",
                      "-c", "until python3 -c \"import urllib.request as u; u.urlopen('http://localhost:8080/readyz')\""
                      " 2>/dev/null; do sleep 0.5; done; exec python3 -c \"$0\" \"$@\"", CLIENT,
                      "http://localhost:8080/v1/chat/completions", str(n), timeout=1800)  # fmt: skip
         pod_result = json.loads(out.strip().splitlines()[-1])
     finally:
+        podman("rm", "-f", "-v", "-t", "0", f"{pod}-cachecade")  # -v: with the image's anonymous data volume
         podman("pod", "rm", "-f", "-t", "0", pod)
     port = free_port()
     data = Path(f"/tmp/bench-image-{uuid.uuid4().hex[:8]}")
     serve = [str(Path(sys.executable).parent / "cachecade"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(serve, env={**os.environ, "CACHECADE_DATA_DIR": str(data)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {**os.environ, "CACHECADE_DATA_DIR": str(data), "CACHECADE_CASCADE_THRESHOLDS": OPEN_GATES}
+    server = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ready_after(f"http://127.0.0.1:{port}/readyz", time.monotonic())
         out = subprocess.run([sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}/v1/chat/completions", str(n)],

@@ -71,7 +71,11 @@ def _weights(model_dir: Path) -> dict[str, int]:
     except importlib.metadata.PackageNotFoundError:
         return sizes
     for file in files:
-        if file.name.endswith(".safetensors") and file.size and file.locate().parent.resolve() == model_dir.resolve():
+        if (
+            file.name.endswith(".safetensors")
+            and file.size
+            and Path(file.locate()).parent.resolve() == model_dir.resolve()
+        ):
             sizes.setdefault(file.name, file.size)
     return sizes
 

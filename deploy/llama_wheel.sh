@@ -30,8 +30,8 @@ if ! compgen -G "$dir/llama_cpp_python-$version-*.whl" >/dev/null; then
     tmp=$(mktemp -d "$dir.tmp.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     echo "llama_wheel.sh: compiling llama-cpp-python $version with: $args (a few minutes, once per flag set)" >&2
-    # The source archive is checked against requirements/local.txt's hash (the lock, deploy/lock.py) when it has one.
-    sed -n '/^llama-cpp-python==/{N;s/\\\n//;p}' "$here/../requirements/local.txt" 2>/dev/null >"$tmp/lock.txt" || true
+    # The source archive is checked against requirements/llama.txt's hash (the lock, deploy/lock.py) when it has one.
+    sed -n '/^llama-cpp-python==/{N;s/\\\n//;p}' "$here/../requirements/llama.txt" 2>/dev/null >"$tmp/lock.txt" || true
     if grep -q "==$version .*--hash=" "$tmp/lock.txt"; then
         source=(--require-hashes -r "$tmp/lock.txt")
     else

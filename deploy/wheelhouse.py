@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     layers = {layer: locked(layer) for layer in LAYERS}
     with tempfile.TemporaryDirectory() as tmp:
         request = Path(tmp) / "requirements.txt"
-        request.write_text("\n".join(line for lines in layers.values() for n, line in lines.items() if n != LLAMA))
+        request.write_text("\n".join(line for lines in layers.values() for line in lines.values()))
         # Hash checking against the lock; sources (sdists) are built here once, then come from pip's wheel cache.
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--require-hashes", "--no-deps",
                         "--wheel-dir", str(HOUSE), "-r", str(request)], check=True)  # fmt: skip
@@ -70,6 +70,7 @@ def main(argv: list[str]) -> int:
         for wheel in Path(tmp).glob("cachecade-*.whl"):
             shutil.copy2(wheel, HOUSE)
     llama = Path(argv[0])
+    layers["local"][LLAMA] = LLAMA  # the wheel compiled from requirements/llama.txt's checked source
     if not (HOUSE / llama.name).exists() or sha256(HOUSE / llama.name) != sha256(llama):
         shutil.copy2(llama, HOUSE)
     wheels = {canonicalize_name(str(parse_wheel_filename(w.name)[0])): w for w in HOUSE.glob("*.whl")}

@@ -78,7 +78,7 @@ def names() -> Iterator[list[str]]:
     made: list[str] = []
     yield made
     for name in made:
-        podman("rm", "-f", "-t", "0", name, check=False)
+        podman("rm", "-f", "-v", "-t", "0", name, check=False)  # -v: the image's anonymous data volume too
         podman("volume", "rm", "-f", name, check=False)
         podman("pod", "rm", "-f", "-t", "0", name, check=False)
         podman("secret", "rm", f"{name}-admin", check=False)

@@ -335,7 +335,7 @@ def test_the_lock_pins_every_dependency_of_pyproject_once() -> None:
     from packaging.utils import canonicalize_name
 
     pins: dict[str, str] = {}
-    for layer in ("runtime", "local", "export", "dev"):
+    for layer in ("runtime", "local", "llama", "export", "dev"):
         text = (ROOT / "requirements" / f"{layer}.txt").read_text().replace("\\\n", " ")
         for line in (line for line in text.splitlines() if line and not line.startswith("#")):
             name, rest = line.split("==", 1)
