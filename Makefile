@@ -79,12 +79,15 @@ wheelhouse: llama-wheel $(VENV)/.installed
 ENGINE ?= podman
 BASE_IMAGE ?= localhost/cachecade-base:bookworm
 IMAGE ?= localhost/cachecade
-image: wheelhouse $(if $(filter podman,$(ENGINE)),container-deps)
-	$(if $(filter podman,$(ENGINE)),deploy/podman/base.sh $(BASE_IMAGE))
-	$(ENGINE) build --network=none $(if $(filter podman,$(ENGINE)),--format docker) -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-	  --target cache-only -t $(IMAGE):cache-only .
-	$(ENGINE) build --network=none $(if $(filter podman,$(ENGINE)),--format docker) -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-	  --target full -t $(IMAGE):latest .
+PODMAN_ONLY = $(if $(filter podman,$(ENGINE)),$(1))
+# --format docker: Podman's default OCI format drops HEALTHCHECK. With Podman the build has no network at all; with
+# Docker on a python:*-slim base the runtime stage apt-installs libgomp1 (Debian's base has it), the rest is offline.
+BUILD = $(ENGINE) build $(call PODMAN_ONLY,--network=none --format docker) -f deploy/Dockerfile \
+	--build-arg BASE_IMAGE=$(BASE_IMAGE)
+image: wheelhouse $(call PODMAN_ONLY,container-deps)
+	$(call PODMAN_ONLY,deploy/podman/base.sh $(BASE_IMAGE))
+	$(BUILD) --target cache-only -t $(IMAGE):cache-only .
+	$(BUILD) --target full -t $(IMAGE):latest .
 	$(ENGINE) image ls $(IMAGE)
 
 test: install-dev system-deps container-deps
