@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from local_models.processes import free_port
+from local_models.processes import free_port, seconds_until_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(ROOT / "deploy/podman/containers.conf"))}
@@ -62,14 +62,10 @@ def podman(*args: str, timeout: float = 600) -> str:
 
 
 def ready_after(url: str, started: float, timeout_s: float = 300) -> float:
-    while time.monotonic() - started < timeout_s:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{url} not ready after {timeout_s} s")
+    seconds = seconds_until_ok(url, timeout_s, interval=0.05, started=started)
+    if seconds is None:
+        raise SystemExit(f"{url} not ready after {timeout_s} s")
+    return seconds
 
 
 def start_time(image: str) -> float:

@@ -39,6 +39,20 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise ServerFailed(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def seconds_until_ok(url: str, timeout: float, interval: float = 0.2, started: float | None = None) -> float | None:
+    """Seconds from `started` (a time.monotonic(); now by default) until `url` answers 200, or None after
+    `timeout` seconds from then."""
+    started = time.monotonic() if started is None else started
+    while time.monotonic() - started < timeout:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    return None
+
+
 def stop(process: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL after 20 s."""
     if process.poll() is None:

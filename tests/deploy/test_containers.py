@@ -23,7 +23,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from local_models.processes import free_port
+from local_models.processes import free_port, seconds_until_ok
 from tests.deploy import kube
 from tests.redis_server import start_redis
 
@@ -60,16 +60,11 @@ def images() -> None:
 
 def wait_ready(url: str, timeout_s: float = 180, container: str | None = None) -> float:
     """Seconds until `url` answers 200 (the container's log in the failure)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    logs = podman("logs", container, check=False).stderr[-3000:] if container else ""
-    raise AssertionError(f"{url} not ready in {timeout_s} s\n{logs}")
+    seconds = seconds_until_ok(url, timeout_s)
+    if seconds is None:
+        logs = podman("logs", container, check=False).stderr[-3000:] if container else ""
+        raise AssertionError(f"{url} not ready in {timeout_s} s\n{logs}")
+    return seconds
 
 
 @pytest.fixture
