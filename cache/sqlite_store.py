@@ -8,9 +8,10 @@ writes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,16 @@ class SQLiteStore:
     def db(self) -> sqlite3.Connection:
         return self._writer.db
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction on the writer's connection, committed at the end (rolled back on an error). The
+        connection is in autocommit mode, where `with db:` alone commits each statement by itself: a batch of 150
+        rows cost 150 commits (about 30 us a row against 8)."""
+        db = self.db
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+
     def _put(self, e: Entry, max_entries: int | None) -> PutResult:
         db = self.db
         with db:
@@ -165,13 +176,13 @@ class SQLiteStore:
 
     def _delete_where(self, tenant: str | None, namespace: str | None) -> list[int]:
         where, args = _filters(tenant, namespace)
-        with self.db:
+        with self._transaction():
             vids = [r[0] for r in self.db.execute(f"SELECT vid FROM entries WHERE {where}", args)]
             self.db.execute(f"DELETE FROM entries WHERE {where}", args)
         return vids
 
     def _purge(self, now: float) -> list[int]:
-        with self.db:
+        with self._transaction():
             cond = "expires_at IS NOT NULL AND expires_at <= ?"
             vids = [r[0] for r in self.db.execute(f"SELECT vid FROM entries WHERE {cond}", (now,))]
             self.db.execute(f"DELETE FROM entries WHERE {cond}", (now,))
@@ -185,7 +196,7 @@ class SQLiteStore:
         """Keep stored responses, (key_id, response_id, record, expires_at) each, in one transaction."""
 
         def write() -> None:
-            with self.db:
+            with self._transaction():
                 self.db.executemany("INSERT OR REPLACE INTO responses (key_id, id, record, expires_at) VALUES "
                                     "(?, ?, ?, ?)", items)  # fmt: skip
 
@@ -241,7 +252,7 @@ class SQLiteStore:
         """Append a label to its scope, keeping the newest `keep`."""
 
         def write() -> None:
-            with self.db:
+            with self._transaction():
                 self.db.execute("INSERT INTO labels (scope, label) VALUES (?, ?)", (label.scope, label.dumps()))
                 self.db.execute("DELETE FROM labels WHERE scope = ? AND id NOT IN (SELECT id FROM labels WHERE "
                                 "scope = ? ORDER BY id DESC LIMIT ?)", (label.scope, label.scope, keep))  # fmt: skip
@@ -274,7 +285,7 @@ class SQLiteStore:
 
     async def append_audit(self, record: str, keep: int) -> None:
         def write() -> None:
-            with self.db:
+            with self._transaction():
                 last = self.db.execute("INSERT INTO audit (record) VALUES (?)", (record,)).lastrowid
                 if last is not None:
                     self.db.execute("DELETE FROM audit WHERE id <= ?", (last - keep,))
@@ -292,7 +303,7 @@ class SQLiteStore:
         """Append samples to the router's log, keeping the newest `keep`."""
 
         def write() -> None:
-            with self.db:
+            with self._transaction():
                 cursor = self.db.executemany("INSERT INTO route_samples (sample) VALUES (?)", [(s,) for s in samples])
                 last = self.db.execute("SELECT MAX(id) FROM route_samples").fetchone()[0]
                 if cursor.rowcount and last is not None:
@@ -326,7 +337,7 @@ class SQLiteStore:
 
     async def touch(self, last_used: dict[int, float]) -> None:
         def update() -> None:
-            with self.db:
+            with self._transaction():
                 self.db.executemany(
                     "UPDATE entries SET last_access = MAX(last_access, ?) WHERE vid = ?",
                     [(when, vid) for vid, when in last_used.items()],

@@ -57,3 +57,17 @@ async def test_persists_after_reopen(tmp_path: Path) -> None:
         assert [v.vid async for v in second.iter_vectors("emb")] == [1, 2]
     finally:
         await second.close()
+
+
+async def test_a_batch_is_one_transaction(store: SQLiteStore) -> None:
+    """The writer's connection autocommits each statement unless told otherwise: a batch of stored responses (or
+    route samples, or touches) is one transaction, so that it costs one commit, and a batch that fails leaves
+    nothing half written."""
+    import time
+
+    later = time.time() + 3600
+    with pytest.raises(StoreError):  # the second row breaks NOT NULL: the first must not stay
+        await store.save_responses([("k-a", "resp_1", "{}", later), ("k-a", "resp_2", None, later)])  # type: ignore[list-item]
+    assert await store.load_response("k-a", "resp_1", time.time()) is None
+    await store.save_responses([("k-a", f"resp_{i}", "{}", later) for i in range(50)])
+    assert await store.load_response("k-a", "resp_49", time.time()) == "{}"
