@@ -272,7 +272,7 @@ def test_dockerfile_is_multi_stage_and_runs_as_non_root() -> None:
     assert {args.split()[1] for args in copied} == {"/opt/venv", builder.env()["CACHECADE_MODEL_CACHE_DIR"]}
     user = runtime.all("USER")[-1]
     assert all(part.isdigit() and int(part) > 0 for part in user.split(":"))  # numeric: runAsNonRoot can check it
-    assert not cache_only.all("USER") and not full.all("USER")
+    assert not cache_only.all("USER") and full.all("USER")[-1] == user  # the full stage ends as that user again
 
 
 def test_dockerfile_runtime_contract() -> None:
