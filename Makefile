@@ -122,6 +122,8 @@ bench: install-dev
 	$(BIN)/python -m bench.budget --data $(DATA)
 	$(BIN)/python -m bench.shared_load --data $(DATA) --restart-redis-at 30
 	$(BIN)/python -m bench.index_scale
+	$(MAKE) image
+	$(BIN)/python -m bench.image --build
 
 calibrate: install
 	$(BIN)/cachecade calibrate --pairs $(DATA)/qqp_pairs/pairs.json --max-false-hit 0.02
