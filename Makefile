@@ -77,7 +77,7 @@ wheelhouse: llama-wheel $(VENV)/.installed
 # The sidecar images, built with no network: localhost/cachecade:latest (both local models) and
 # localhost/cachecade:cache-only. ENGINE=docker BASE_IMAGE=python:3.11-slim-bookworm builds them with Docker.
 ENGINE ?= podman
-BASE_IMAGE ?= localhost/cachecade-base:bookworm
+BASE_IMAGE ?= $(if $(filter podman,$(ENGINE)),localhost/cachecade-base:bookworm,python:3.11-slim-bookworm)
 IMAGE ?= localhost/cachecade
 PODMAN_ONLY = $(if $(filter podman,$(ENGINE)),$(1))
 # --format docker: Podman's default OCI format drops HEALTHCHECK. With Podman the build has no network at all; with

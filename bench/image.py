@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -55,7 +56,7 @@ print(json.dumps({"first": first.headers["x-cache"], "p50_ms": statistics.median
 
 
 def podman(*args: str, timeout: float = 600) -> str:
-    result = subprocess.run(["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(["podman", *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise SystemExit(f"podman {' '.join(args[:3])}... exited {result.returncode}: {result.stderr[-2000:]}")
     return result.stdout
@@ -104,9 +105,11 @@ def exact_hits(n: int) -> dict[str, dict[str, float]]:
         podman("rm", "-f", "-v", "-t", "0", f"{pod}-cachecade")  # -v: with the image's anonymous data volume
         podman("pod", "rm", "-f", "-t", "0", pod)
     port = free_port()
-    data = Path(f"/tmp/bench-image-{uuid.uuid4().hex[:8]}")
+    data = tempfile.TemporaryDirectory()
     serve = [str(Path(sys.executable).parent / "cachecade"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "CACHECADE_DATA_DIR": str(data), "CACHECADE_CASCADE_THRESHOLDS": OPEN_GATES}
+    # The image's settings: its embedder backend (int8) and the gates opened as in the pod.
+    env = {**os.environ, "CACHECADE_DATA_DIR": data.name, "CACHECADE_CASCADE_THRESHOLDS": OPEN_GATES,
+           "CACHECADE_EMBEDDER_BACKEND": "onnx-int8"}  # fmt: skip
     server = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ready_after(f"http://127.0.0.1:{port}/readyz", time.monotonic())
@@ -116,6 +119,7 @@ def exact_hits(n: int) -> dict[str, dict[str, float]]:
     finally:
         server.terminate()
         server.wait(60)
+        data.cleanup()
     return {"pod": pod_result, "host": host_result}
 
 

@@ -346,7 +346,11 @@ class SQLiteStore:
         await self._run(update)
 
     async def delete(self, vids: list[int]) -> list[int]:
-        return await self._run(self._delete, vids)
+        def delete() -> list[int]:
+            with self._transaction():  # (_put's eviction calls _delete inside its own)
+                return self._delete(vids)
+
+        return await self._run(delete)
 
     async def delete_where(self, *, tenant: str | None, namespace: str | None) -> list[int]:
         return await self._run(self._delete_where, tenant, namespace)

@@ -119,6 +119,8 @@ def render(layer: str, items: list[dict]) -> str:
 
 
 def main() -> int:
+    if sys.version_info[:2] != (3, 11):
+        raise SystemExit("deploy/lock.py: the lock is for CPython 3.11 (the image's); run it with a 3.11 venv")
     OUT.mkdir(exist_ok=True)
     more: set[str] = set()
     layers(resolve([]), more)

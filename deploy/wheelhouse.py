@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 HOUSE = ROOT / "build" / "wheelhouse"
@@ -53,6 +54,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].endswith(".whl"):
         print(__doc__, file=sys.stderr)
         return 2
+    if sys.version_info[:2] != (3, 11):
+        raise SystemExit("deploy/wheelhouse.py: the lock and the image are for CPython 3.11; run it with a 3.11 venv")
     HOUSE.mkdir(parents=True, exist_ok=True)
     layers = {layer: locked(layer) for layer in LAYERS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,6 +68,8 @@ def main(argv: list[str]) -> int:
         env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                         "--wheel-dir", tmp, str(ROOT)], check=True, env=env)  # fmt: skip
+        for stale in (ROOT / "build" / "lib", *(ROOT / "build").glob("bdist.*")):
+            shutil.rmtree(stale, ignore_errors=True)  # setuptools would reuse them (a deleted module would stay)
         for old in HOUSE.glob("cachecade-*.whl"):
             old.unlink()
         for wheel in Path(tmp).glob("cachecade-*.whl"):
@@ -73,7 +78,15 @@ def main(argv: list[str]) -> int:
     layers["local"][LLAMA] = LLAMA  # the wheel compiled from requirements/llama.txt's checked source
     if not (HOUSE / llama.name).exists() or sha256(HOUSE / llama.name) != sha256(llama):
         shutil.copy2(llama, HOUSE)
-    wheels = {canonicalize_name(str(parse_wheel_filename(w.name)[0])): w for w in HOUSE.glob("*.whl")}
+    # The wheel of each package's locked version (an earlier lock's wheels may still lie here).
+    pinned = {n: Version(line.split("==", 1)[1].split()[0])
+              for lines in layers.values() for n, line in lines.items() if "==" in line}  # fmt: skip
+    wheels = {}
+    for wheel in HOUSE.glob("*.whl"):
+        name, version = parse_wheel_filename(wheel.name)[:2]
+        if pinned.get(name, version) == version:
+            wheels[canonicalize_name(name)] = wheel
+    wheels[LLAMA] = HOUSE / llama.name
     layers["parts"] = {n: line for n, line in layers["local"].items() if n.startswith(PARTS)}
     layers["local"] = {n: line for n, line in layers["local"].items() if not n.startswith(PARTS)}
     layers["cachecade"] = {"cachecade": "cachecade"}  # its own layer: a code change rebuilds only what follows it
@@ -86,6 +99,7 @@ def main(argv: list[str]) -> int:
             pins.append(f"{name}=={version} --hash=sha256:{sha256(wheels[name])}")
         (HOUSE / f"{layer}.txt").write_text(f"# {layer}: made by deploy/wheelhouse.py\n" + "\n".join(pins) + "\n")
     keep = {w.name for name, w in wheels.items() if any(name in lines for lines in layers.values())}
+    keep.add(llama.name)
     for wheel in HOUSE.glob("*.whl"):
         if wheel.name not in keep:
             wheel.unlink()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -75,9 +76,11 @@ def _checked(target: Path, stamp: Path, sha256: str) -> bool:
 
 
 def _stamp(path: Path, stamp: Path, sha256: str) -> None:
-    with contextlib.suppress(OSError):  # a read-only cache dir (the image): checked by hash next time
+    with contextlib.suppress(OSError):  # a read-only cache dir: checked by hash next time
         info = path.stat()
-        stamp.write_text(f"{sha256} {info.st_size} {info.st_mtime_ns}\n")
+        partial = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+        partial.write_text(f"{sha256} {info.st_size} {info.st_mtime_ns}\n")
+        os.replace(partial, stamp)  # whole or not at all, for a process starting meanwhile
 
 
 PACKAGED = ("smollm2", "gemma3")

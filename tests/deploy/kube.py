@@ -10,7 +10,8 @@ What Podman lacks, and what the transform does about it:
 - A Deployment's template becomes a Pod per replica the test starts, with its own name.
 - Test wiring: images by their local names (the app's python:3.11-slim-bookworm stand-in is the Debian base image
   with Python, which the image build already has), the pod on the host's network so that pods share the test's
-  Redis on 127.0.0.1 (each pod's sidecar then takes its own port: CACHECADE_PORT, and the app's base URL with it;
+  Redis on 127.0.0.1 (each pod's sidecar then takes its own port, CACHECADE_PORT, and the app's base URL with it,
+  and binds to 127.0.0.1 only;
   the container port the manifests name, which Podman refuses to map on the host's network, is dropped),
   the ConfigMap's Redis and upstream URLs pointed at the test's own, the Secret's placeholder replaced (and the
   Secret created with `podman secret create`, see render()), and the app's
@@ -86,7 +87,7 @@ def render(wiring: Wiring) -> tuple[str, str]:
     config = copy.deepcopy(docs["ConfigMap/cachecade-config"])
     config["metadata"]["name"] = f"{wiring.pod}-config"
     config["data"] |= {"CACHECADE_REDIS_URL": wiring.redis_url, "CACHECADE_UPSTREAM_BASE_URL": wiring.upstream_url,
-                       "CACHECADE_PORT": str(wiring.port)}  # fmt: skip
+                       "CACHECADE_PORT": str(wiring.port), "CACHECADE_HOST": "127.0.0.1"}  # fmt: skip
     secret = copy.deepcopy(docs["Secret/cachecade-admin"])
     secret["metadata"]["name"] = f"{wiring.pod}-admin"
     secret.pop("stringData", None)

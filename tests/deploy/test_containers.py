@@ -144,15 +144,19 @@ def test_sigterm_drains_an_inflight_stream_and_exits_zero(images: None, names: l
     stopped: dict[str, float | int] = {}
 
     def stop() -> None:
-        started = time.monotonic()
+        stopped["at"] = started = time.monotonic()
         stopped["rc"] = podman("stop", "-t", "60", name, timeout=90, check=False).returncode
         stopped["s"] = time.monotonic() - started
 
     stopper = threading.Thread(target=stop)
     stopper.start()
-    chunks += list(stream)  # the openai client ends the iteration at `data: [DONE]`, raises if the stream is cut
+    arrived = []
+    for chunk in stream:  # the openai client ends the iteration at `data: [DONE]`, raises if the stream is cut
+        chunks.append(chunk)
+        arrived.append(time.monotonic())
     stopper.join()
     assert chunks[-1].choices and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert arrived and arrived[-1] > float(stopped["at"]) + 0.2  # the stream went on after SIGTERM was sent
     assert stopped["rc"] == 0 and float(stopped["s"]) < 60
     assert podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip() == "0"
 
