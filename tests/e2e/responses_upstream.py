@@ -4,7 +4,7 @@ tests (tests/e2e/test_responses_e2e.py). Its model is scripted, so that tool cal
 - chat completions: with tools and no tool result after the last user turn, it calls the first tool with
   {"city": <the last word of the question>}; with a tool result, it answers "The answer is <result>."; otherwise
   "Echo: <question>"; with a JSON schema response format, an object with each required property. Streamed when
-  asked, with usage.
+  asked, with usage; a question that starts with "Slowly:" streams one word every 0.1 s (a stream in flight).
 - /v1/responses (what the proxy passes through: built-in tools, this server's own response ids): answers
   "Searched: <input>" for a web_search tool, "Continued <previous id>" for a previous_response_id it issued; an
   empty body is a 400, as OpenAI answers it (the proxy's probe).
@@ -58,8 +58,11 @@ def _chunks(head: dict[str, Any], message: dict[str, Any], usage: dict[str, int]
         return b"data: " + json.dumps(event).encode() + b"\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
+    slowly = (message.get("content") or "").startswith("Echo: Slowly:")
     for word in (message.get("content") or "").split(" "):
         if word:
+            if slowly:
+                time.sleep(0.1)  # a sync generator: Starlette runs it in a thread
             yield chunk({"content": word + " " if not word.endswith(".") else word})
     for index, call in enumerate(message.get("tool_calls") or []):
         yield chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
