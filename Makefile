@@ -50,12 +50,15 @@ install-dev: llama-wheel $(VENV)/.installed-dev
 serve: install
 	$(BIN)/cachecade serve --host $(HOST) --port $(PORT)
 
+# Debian's packages, with sudo unless root.
+apt_install = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(1)
+
 # Debian's redis-server, for the tests that start their own Redis (installed only when missing).
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "redis-server missing: installing Debian's package"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server; }
+	  $(call apt_install,redis-server); }
 
 # Podman, runc and mmdebstrap from Debian's packages, for `make image` and the container tests (only when missing).
 # Podman reads the project's own settings (deploy/podman/containers.conf) through CONTAINERS_CONF.
@@ -63,8 +66,7 @@ export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
 container-deps:
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || { \
 	  echo "podman/runc/mmdebstrap missing: installing Debian's packages"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q podman runc mmdebstrap; }
+	  $(call apt_install,podman runc mmdebstrap); }
 
 # requirements/*.txt: every package pinned with its hash, in layers (deploy/lock.py says how to install them).
 lock: install-dev
@@ -110,8 +112,7 @@ bench: install-dev
 	$(BIN)/python -m bench.fuzz --requests 5000
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.soak --minutes 30
-	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q wrk; }
+	@command -v wrk >/dev/null || { $(call apt_install,wrk); }
 	$(BIN)/python -m bench.responses
 	$(BIN)/python -m bench.latency --data $(DATA)
 	$(BIN)/python -m bench.local_tier

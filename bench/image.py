@@ -28,7 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from local_models.processes import free_port, seconds_until_ok
+from bench.common import write_json
+from local_models.processes import free_port, seconds_until_ok, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(ROOT / "deploy/podman/containers.conf"))}
@@ -117,8 +118,7 @@ def exact_hits(n: int) -> dict[str, dict[str, float]]:
                              capture_output=True, text=True, check=True, timeout=1800).stdout  # fmt: skip
         host_result = json.loads(out.strip().splitlines()[-1])
     finally:
-        server.terminate()
-        server.wait(60)
+        stop(server)
         data.cleanup()
     return {"pod": pod_result, "host": host_result}
 
@@ -151,9 +151,7 @@ def main() -> int:
         seconds = build_time()
         results["build_no_cache_s"] = seconds
         print(f"build of both targets, --no-cache, warm wheelhouse: {seconds:.0f} s (target <= 300)")
-    out = ROOT / "bench" / "results" / "image.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {write_json('image', results).relative_to(ROOT)}")
     return 0
 
 

@@ -119,7 +119,6 @@ def main() -> None:
             say(f"responses bench: {name} chat p50 {report[name]['chat']['p50_ms']:.2f} ms, responses p50 "
                 f"{report[name]['responses']['p50_ms']:.2f} ms")  # fmt: skip
     text = table(report)
-    print(text)
     write_report("responses", report, text, args.out)
 
 

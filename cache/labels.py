@@ -98,15 +98,14 @@ def beta_quantile(a: np.ndarray, b: np.ndarray, p: float, rtol: float = 1e-12) -
     tests/cache/test_labels.py checks it against scipy.special.betaincinv.)"""
     a, b = np.asarray(a, float), np.asarray(b, float)
     low, high = np.zeros(len(a)), np.ones(len(a))
-    lgamma = np.vectorize(math.lgamma, otypes=[float])
-    log_norm = lgamma(a + b) - lgamma(a) - lgamma(b)
+    log_norm = _log_norm(a, b)  # symmetric in a and b: made once, for every step and either side of the mirror
     # Start at the normal approximation's quantile: Newton then needs a handful of steps even for large counts.
     mean, sd = a / (a + b), np.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
     x = np.clip(mean + NormalDist().inv_cdf(p) * sd, 1e-300, 1 - 1e-16)
     todo = np.arange(len(a))  # the elements still moving: the others are left alone
     for _ in range(200):
         aa, bb, xx = a[todo], b[todo], x[todo]
-        f = incomplete_beta(aa, bb, xx) - p
+        f = incomplete_beta(aa, bb, xx, log_norm[todo]) - p
         lo, hi = np.where(f < 0, xx, low[todo]), np.where(f < 0, high[todo], xx)
         low[todo], high[todo] = lo, hi
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
@@ -119,16 +118,22 @@ def beta_quantile(a: np.ndarray, b: np.ndarray, p: float, rtol: float = 1e-12) -
     return x
 
 
-def incomplete_beta(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _log_norm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """-log B(a, b), elementwise."""
+    lgamma = np.vectorize(math.lgamma, otypes=[float])
+    return np.asarray(lgamma(a + b) - lgamma(a) - lgamma(b))
+
+
+def incomplete_beta(a: np.ndarray, b: np.ndarray, x: np.ndarray, log_norm: np.ndarray | None = None) -> np.ndarray:
     """The regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1, elementwise: its
     continued fraction (modified Lentz), evaluated where it converges fast and mirrored (1 - I_{1-x}(b, a))
-    elsewhere."""
+    elsewhere. `log_norm`: -log B(a, b), when the caller has it."""
     a, b, x = np.broadcast_arrays(np.asarray(a, float), np.asarray(b, float), np.asarray(x, float))
+    log_norm = _log_norm(a, b) if log_norm is None else log_norm
     mirror = x > (a + 1) / (a + b + 2)
     a, b, x = np.where(mirror, b, a), np.where(mirror, a, b), np.where(mirror, 1 - x, x)
-    lgamma = np.vectorize(math.lgamma, otypes=[float])
     with np.errstate(divide="ignore"):  # log(0) at x = 0: the front factor is then 0
-        log_front = lgamma(a + b) - lgamma(a) - lgamma(b) + a * np.log(x) + b * np.log1p(-x)
+        log_front = log_norm + a * np.log(x) + b * np.log1p(-x)
     value = np.exp(log_front) * _beta_fraction(a, b, x) / a
     return np.clip(np.where(mirror, 1 - value, value), 0.0, 1.0)
 

@@ -416,7 +416,7 @@ class RedisStore:
 
     async def load_response(self, key_id: str, response_id: str, now: float) -> str | None:
         raw = await self._run(self.client.get(self._response(key_id, response_id)))
-        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+        return None if raw is None else raw.decode()  # (the client returns bytes: decode_responses is off)
 
     async def delete_response(self, key_id: str, response_id: str) -> bool:
         return bool(await self._run(self.client.delete(self._response(key_id, response_id))))

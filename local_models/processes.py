@@ -26,24 +26,18 @@ def free_port() -> int:
 
 def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
     """Poll `url` until it answers 200; fail early, with the log's tail, if the process exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    if seconds_until_ok(url, timeout, process=process) is None:
         if process.poll() is not None:
             raise ServerFailed(f"{process.args!r} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise ServerFailed(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
+        raise ServerFailed(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def seconds_until_ok(url: str, timeout: float, interval: float = 0.2, started: float | None = None) -> float | None:
+def seconds_until_ok(url: str, timeout: float, interval: float = 0.2, started: float | None = None,
+                     process: subprocess.Popen | None = None) -> float | None:  # fmt: skip
     """Seconds from `started` (a time.monotonic(); now by default) until `url` answers 200, or None after
-    `timeout` seconds from then."""
+    `timeout` seconds from then (or once `process`, the server, has exited)."""
     started = time.monotonic() if started is None else started
-    while time.monotonic() - started < timeout:
+    while time.monotonic() - started < timeout and (process is None or process.poll() is None):
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return time.monotonic() - started

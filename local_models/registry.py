@@ -65,11 +65,9 @@ def _checked(target: Path, stamp: Path, sha256: str) -> bool:
         return False
     if recorded[2:] == [str(info.st_mtime_ns)]:
         return True
-    digest = hashlib.sha256()
     with target.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != sha256:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != sha256:
         return False
     _stamp(target, stamp, sha256)
     return True

@@ -23,8 +23,10 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from local_models.processes import free_port, seconds_until_ok
+from local_models.processes import free_port, seconds_until_ok, stop
+from tests.conftest import served
 from tests.deploy import kube
+from tests.e2e import responses_upstream
 from tests.redis_server import start_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -177,25 +179,15 @@ def test_sigterm_drains_an_inflight_stream_and_exits_zero(images: None, names: l
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    process, url = start_redis(tmp_path / "redis.log")
-    try:
+    """A Redis of this test's own (the session's may hold other tests' entries for the pods' key)."""
+    with served(lambda: start_redis(tmp_path / "redis.log"), stop) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture
-def upstream() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.e2e.responses_upstream:app", "--port",
-                                str(port), "--log-level", "warning"], cwd=ROOT)  # fmt: skip
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/v1/models", timeout_s=30)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        process.wait(10)
+def upstream(tmp_path: Path) -> Iterator[str]:
+    with served(lambda: responses_upstream.start(tmp_path / "upstream.log"), stop) as url:
+        yield url
 
 
 def play_pod(tmp_path: Path, names: list[str], redis_url: str, upstream: str, questions: tuple[str, ...]

@@ -9,21 +9,38 @@ tests (tests/e2e/test_responses_e2e.py). Its model is scripted, so that tool cal
   "Searched: <input>" for a web_search tool, "Continued <previous id>" for a previous_response_id it issued; an
   empty body is a 400, as OpenAI answers it (the proxy's probe).
 
-  python -m uvicorn tests.e2e.responses_upstream:app --port 8092
+  python -m uvicorn tests.e2e.responses_upstream:app --port 8092     (or start() from a test)
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 app = FastAPI()
+
+
+def start(log: Path) -> tuple[subprocess.Popen, str]:
+    """This server in a process of its own on a free port: the process and its /v1 URL, once it answers."""
+    from local_models.processes import free_port, wait_until_up
+
+    port = free_port()
+    with log.open("w") as out:
+        cmd = [sys.executable, "-m", "uvicorn", "tests.e2e.responses_upstream:app", "--port", str(port)]
+        process = subprocess.Popen([*cmd, "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT)
+    wait_until_up(f"http://127.0.0.1:{port}/v1/models", process, log, 60)
+    return process, f"http://127.0.0.1:{port}/v1"
+
+
 ISSUED: set[str] = set()
 
 

@@ -7,8 +7,6 @@ ChatOpenAI with use_responses_api."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -17,7 +15,9 @@ import httpx
 import openai
 import pytest
 
-from local_models.processes import free_port, stop, wait_until_up
+from local_models.processes import stop
+from tests.conftest import served
+from tests.e2e import responses_upstream
 from tests.e2e.conftest import Proxy
 
 pytestmark = pytest.mark.e2e
@@ -35,15 +35,9 @@ def bridged(start_proxy: Callable[..., Proxy], llama_upstream: str, tmp_path_fac
 
 @pytest.fixture(scope="module")
 def scripted_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port, log = free_port(), tmp_path_factory.mktemp("scripted") / "upstream.log"
-    with log.open("w") as out:
-        cmd = [sys.executable, "-m", "uvicorn", "tests.e2e.responses_upstream:app", "--port", str(port)]
-        process = subprocess.Popen([*cmd, "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/v1/models", process, log, 60)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop(process)
+    log = tmp_path_factory.mktemp("scripted") / "upstream.log"
+    with served(lambda: responses_upstream.start(log), stop) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
