@@ -30,11 +30,11 @@ import httpx
 
 from bench.common import write_json
 from local_models.processes import free_port, seconds_until_ok, stop
+from tests.deploy.podman import BASE, CACHE_ONLY, FULL, run_sidecar
+from tests.deploy.podman import podman as run_podman
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(ROOT / "deploy/podman/containers.conf"))}
-IMAGES = {"latest": ("localhost/cachecade:latest", 900), "cache-only": ("localhost/cachecade:cache-only", 450)}
-BASE = "localhost/cachecade-base:bookworm"
+IMAGES = {"latest": (FULL, 900), "cache-only": (CACHE_ONLY, 450)}
 # Both local gates open, in the pod and on the host: the first answer (a miss) is stored, the rest are exact hits.
 OPEN_GATES = '{"smollm2": 0.0, "gemma3": 0.0}'
 # The timing client, the same file on the host and in the app container: sequential exact hits, p50 in ms.
@@ -57,10 +57,7 @@ print(json.dumps({"first": first.headers["x-cache"], "p50_ms": statistics.median
 
 
 def podman(*args: str, timeout: float = 600) -> str:
-    result = subprocess.run(["podman", *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise SystemExit(f"podman {' '.join(args[:3])}... exited {result.returncode}: {result.stderr[-2000:]}")
-    return result.stdout
+    return run_podman(*args, timeout=timeout).stdout
 
 
 def ready_after(url: str, started: float, timeout_s: float = 300) -> float:
@@ -74,7 +71,7 @@ def start_time(image: str) -> float:
     name, port = f"bench-{uuid.uuid4().hex[:8]}", free_port()
     extra = ["-e", "CACHECADE_UPSTREAM_BASE_URL=http://127.0.0.1:9/v1"] if image.endswith("cache-only") else []
     started = time.monotonic()
-    podman("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:8080", *extra, image)
+    run_sidecar(image, name, port, *extra)
     try:
         return ready_after(f"http://127.0.0.1:{port}/readyz", started)
     finally:

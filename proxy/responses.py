@@ -320,7 +320,7 @@ async def _events(chat_stream: AsyncIterator[bytes], shell: Shell,
     event = EventWriter()
     parser, accumulator = SSEParser(), StreamAccumulator("chat")
     items: list[dict[str, Any]] = []  # the output items announced so far, in order (their last state)
-    text: dict[str, Any] | None = None  # the message item while its text streams: {"id", "text"}
+    text: dict[str, Any] | None = None  # the message item while its text streams: {"id", "text", "index"}
     calls: dict[int, int] = {}  # a tool call's chat index -> its position in `items`
 
     def close_text(status: str) -> list[bytes]:
@@ -328,7 +328,7 @@ async def _events(chat_stream: AsyncIterator[bytes], shell: Shell,
         nonlocal text
         if text is None:
             return []
-        index = next(i for i, item in enumerate(items) if item["id"] == text["id"])
+        index = text["index"]
         item = _message_item(text["id"], text["text"], status)
         part, text = item["content"][0], None
         items[index] = item
@@ -357,15 +357,15 @@ async def _events(chat_stream: AsyncIterator[bytes], shell: Shell,
                     piece = delta.get("content")
                     if isinstance(piece, str) and piece and not calls:
                         if text is None:
-                            text = {"id": new_id("msg"), "text": ""}
+                            text = {"id": new_id("msg"), "text": "", "index": len(items)}
                             items.append({**_message_item(text["id"], "", "in_progress"), "content": []})
-                            index = len(items) - 1
+                            index = text["index"]
                             yield event("response.output_item.added", output_index=index, item=items[index])
                             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
                             yield event("response.content_part.added", item_id=text["id"], output_index=index,
                                         content_index=0, part=part)  # fmt: skip
                         text["text"] += piece
-                        yield event("response.output_text.delta", item_id=text["id"], output_index=len(items) - 1,
+                        yield event("response.output_text.delta", item_id=text["id"], output_index=text["index"],
                                     content_index=0, delta=piece, logprobs=[])  # fmt: skip
                     for position, call in enumerate(delta.get("tool_calls") or []):
                         slot = int(call.get("index", position))
@@ -400,8 +400,9 @@ async def _events(chat_stream: AsyncIterator[bytes], shell: Shell,
     status, incomplete = _ending(choice.get("finish_reason"))
     for done in close_text(status if not calls else "completed"):
         yield done
+    whole_calls = message.get("tool_calls") or []
     for slot, index in sorted(calls.items(), key=lambda kv: kv[1]):
-        whole = (message.get("tool_calls") or [])[slot] if slot < len(message.get("tool_calls") or []) else {}
+        whole = whole_calls[slot] if slot < len(whole_calls) else {}
         item = _call_item(items[index]["id"], {"id": whole.get("id") or items[index]["call_id"], "function": {
             "name": (whole.get("function") or {}).get("name") or items[index]["name"],
             "arguments": items[index]["arguments"]}})  # fmt: skip

@@ -32,14 +32,16 @@ import yaml
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 
 
-def manifests() -> dict[str, dict[str, Any]]:
-    """kind/name -> document, for every manifest kustomization.yaml lists."""
+def documents() -> list[tuple[str, dict[str, Any]]]:
+    """(file name, resource) for every resource the kustomization lists."""
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    out = {}
-    for name in kustomization["resources"]:
-        for doc in yaml.safe_load_all((K8S / name).read_text()):
-            out[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
-    return out
+    return [(name, doc) for name in kustomization["resources"]
+            for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]  # fmt: skip
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """kind/name -> resource, for every resource the kustomization lists."""
+    return {f"{doc['kind']}/{doc['metadata']['name']}": doc for _, doc in documents()}
 
 
 @dataclass(frozen=True)

@@ -26,22 +26,12 @@ from openai import OpenAI
 from local_models.processes import free_port, seconds_until_ok, stop
 from tests.conftest import served
 from tests.deploy import kube
+from tests.deploy.podman import BASE, CACHE_ONLY, ENV, FULL, podman, run_sidecar
 from tests.e2e import responses_upstream
 from tests.redis_server import start_redis
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "deploy" / "podman" / "containers.conf"
-BASE = "localhost/cachecade-base:bookworm"
-FULL, CACHE_ONLY = "localhost/cachecade:latest", "localhost/cachecade:cache-only"
-ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONF))}
-
-
-def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
 
 
 def cannot_run(reason: str) -> None:
@@ -88,12 +78,6 @@ def names() -> Iterator[list[str]]:
         podman("volume", "rm", "-f", name, check=False)
         podman("pod", "rm", "-f", "-t", "0", name, check=False)
         podman("secret", "rm", f"{name}-admin", check=False)
-
-
-def run_sidecar(image: str, name: str, port: int, *extra: str) -> None:
-    """The image as the manifests run it: read-only root, only /tmp (tmpfs) and the data volume writable."""
-    podman("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:8080", *extra,
-           image)  # fmt: skip
 
 
 def ask(client: OpenAI, question: str) -> tuple[str, str, str]:

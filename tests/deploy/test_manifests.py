@@ -25,10 +25,11 @@ from kubernetes_validate import utils as k8s
 
 from local_models.registry import smollm2_gguf
 from proxy.config import Settings
+from tests.deploy import kube
 from tests.deploy.dockerfile import DEPLOY, DOCKERFILE, healthcheck_command, stages
 
 ROOT = DEPLOY.parent
-K8S = DEPLOY / "k8s"
+K8S = kube.K8S
 # Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29.
 K8S_VERSIONS = ["1.29.0", k8s.latest_version()]
 UVICORN_DRAIN_S = 30  # timeout_graceful_shutdown in proxy/cli.py
@@ -38,16 +39,8 @@ ADMIN_TOKEN = "compose-test-token-0123456789"
 # --- Kubernetes -------------------------------------------------------------------------------------------------
 
 
-def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
-    """(file name, resource) for every resource the kustomization lists."""
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    return [(name, doc) for name in kustomization["resources"]
-            for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]  # fmt: skip
-
-
 def resource(kind: str, name: str) -> dict[str, Any]:
-    (found,) = [d for _, d in k8s_documents() if d["kind"] == kind and d["metadata"]["name"] == name]
-    return found
+    return kube.manifests()[f"{kind}/{name}"]
 
 
 def pod_spec() -> dict[str, Any]:
@@ -68,7 +61,7 @@ def test_kustomization_lists_every_manifest() -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_manifests_match_the_kubernetes_schemas(version: str) -> None:
     """Strict: an unknown or misspelt field fails, as `kubectl apply --validate=strict` would."""
-    documents = k8s_documents()
+    documents = kube.documents()
     assert {d["kind"] for _, d in documents} == {"ConfigMap", "Secret", "Deployment", "Service"}
     for name, doc in documents:
         try:
